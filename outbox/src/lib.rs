@@ -1,0 +1,6 @@
+//! The producer side of the outbox.
+#![warn(missing_docs)]
+
+/// Every table and function the product uses (outbox, inbox, gateway, prepared messages), as one
+/// ordered migration set. `outbox-relay migrate` applies it; tests use it with `#[sqlx::test]`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
