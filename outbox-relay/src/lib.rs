@@ -1,3 +1,23 @@
-//! The relay sidecar (placeholder while the relay is written).
+//! The relay sidecar: moves committed outbox rows to RabbitMQ, at least once, in order per key.
+//!
+//! - [`config`]: defaults, TOML file, environment; validated once at start.
+//! - [`claim`]: the SQL side: claim due rows (`FOR UPDATE SKIP LOCKED`), then delete what was
+//!   confirmed and record or dead-letter what failed, in the same short transaction.
+//! - [`publish`]: the broker side: pipelined publishes with confirms, one outcome per message.
+//! - [`relay`]: workers looping claim → publish → settle, wake-up, reconnects, shutdown.
+//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`admin`]: `status` and the dead-letter commands.
+//! - [`prepared_api`] and [`checkback`]: two-phase messages and their check-back.
+#![warn(missing_docs)]
+
+pub mod admin;
 pub mod checkback;
+pub mod claim;
+pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod prepared_api;
+pub mod publish;
+pub mod relay;
+
+pub use config::Config;

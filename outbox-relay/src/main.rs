@@ -1,1 +1,256 @@
-fn main() {}
+//! `outbox-relay`: the relay binary. See `outbox-relay --help`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use outbox_relay::relay::{self, Health};
+use outbox_relay::{Config, admin, http};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays committed outbox messages from PostgreSQL to RabbitMQ"
+)]
+struct Cli {
+    /// TOML configuration file (environment variables override it).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Relay until SIGTERM/SIGINT, then finish the batch in flight and exit 0 (the default).
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate {
+        /// This database's id in the global message-id space (0-127); unique per database.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=127))]
+        database_id: Option<u8>,
+    },
+    /// Print the backlog, the oldest due message's age and the dead letters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and redrive dead letters.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+    /// Decide prepared messages by hand.
+    Prepared {
+        #[command(subcommand)]
+        command: PreparedCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List the newest dead letters.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Put dead letters back in the outbox (attempts reset, ids kept).
+    Redrive {
+        /// The message id to redrive.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Redrive every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PreparedCommand {
+    /// Resolve a prepared (parked or undecided) message.
+    Resolve {
+        /// The message id.
+        id: i64,
+        /// `commit` publishes it, `rollback` removes it.
+        #[arg(value_parser = ["commit", "rollback"])]
+        decision: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config).await,
+        Command::Migrate { database_id } => {
+            let pool = connect(&config, 2).await?;
+            outbox::MIGRATOR
+                .run(&pool)
+                .await
+                .context("applying migrations")?;
+            if let Some(id) = database_id {
+                admin::set_database_id(&pool, id).await?;
+            }
+            let id = admin::database_id(&pool).await?;
+            println!("migrations applied; database id {id}");
+            Ok(())
+        }
+        Command::Status { json } => {
+            let pool = connect(&config, 2).await?;
+            let backlog = relay::backlog(&pool, true).await?;
+            let database_id = admin::database_id(&pool).await?;
+            let unresolved: i64 = 0; // WIRE: checkback unresolved count
+            if json {
+                let mut v = serde_json::to_value(backlog)?;
+                v["database_id"] = database_id.into();
+                v["prepared_unresolved"] = unresolved.into();
+                println!("{v}");
+            } else {
+                println!("database id          {database_id}");
+                println!("due                  {}", backlog.due);
+                println!("scheduled            {}", backlog.scheduled);
+                println!(
+                    "oldest due age       {:.3} s",
+                    backlog.oldest_due_age_seconds
+                );
+                println!("dead letters         {}", backlog.dead_letters);
+                println!("prepared unresolved  {unresolved}");
+            }
+            Ok(())
+        }
+        Command::Dead { command } => {
+            let pool = connect(&config, 2).await?;
+            match command {
+                DeadCommand::List { limit } => {
+                    for d in admin::list_dead(&pool, limit).await? {
+                        println!(
+                            "{}\t{}\t{}\tattempts={}\t{}\t{}",
+                            d.id,
+                            d.exchange,
+                            d.routing_key,
+                            d.attempts,
+                            d.dead_lettered_at.to_rfc3339(),
+                            d.reason
+                        );
+                    }
+                    Ok(())
+                }
+                DeadCommand::Redrive { id: Some(id), .. } => {
+                    if admin::redrive(&pool, &[id]).await? == 0 {
+                        bail!("no dead letter with id {id}");
+                    }
+                    println!("redriven 1");
+                    Ok(())
+                }
+                DeadCommand::Redrive { id: None, .. } => redrive_all(&pool).await,
+            }
+        }
+        Command::Prepared {
+            command: PreparedCommand::Resolve { id, decision },
+        } => {
+            let pool = connect(&config, 2).await?;
+            let _ = (pool, id);
+            bail!("WIRE: prepared resolve {decision}")
+        }
+    }
+}
+
+async fn connect(config: &Config, size: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&config.database_url)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {}",
+                outbox_relay::config::redact_url(&config.database_url)
+            )
+        })
+}
+
+async fn redrive_all(pool: &PgPool) -> anyhow::Result<()> {
+    let total = admin::dead_count(pool).await?;
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} redriven ({per_sec}, eta {eta})")
+            .expect("valid template"),
+    );
+    let mut moved = 0;
+    loop {
+        let ids = admin::dead_ids(pool, 1000).await?;
+        if ids.is_empty() {
+            break;
+        }
+        let n = admin::redrive(pool, &ids).await?;
+        moved += n;
+        bar.inc(n);
+    }
+    bar.finish();
+    println!("redriven {moved}");
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    info!(config = %config.redacted(), "starting relay");
+    let metrics = outbox_relay::metrics::install()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.db_pool_size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(&config.database_url)
+        .context("database_url")?;
+    let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
+
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding RELAY_HTTP_ADDR {}", config.http_addr))?;
+    info!(addr = %listener.local_addr()?, "http listening");
+    let api = axum::Router::new(); // WIRE: prepared_api::router
+    let router = http::router(pool.clone(), health.clone(), Some(metrics), api);
+    let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
+    let checkback = tokio::spawn(async { anyhow::Ok(()) }); // WIRE: checkback::run
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown requested; finishing batches in flight");
+        signals.cancel();
+    });
+
+    relay::run(pool.clone(), config, health, shutdown.clone()).await?;
+    shutdown.cancel();
+    checkback.await??;
+    server.await??;
+    pool.close().await;
+    info!("relay stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,299 @@
+//! The relay's configuration: defaults, then an optional TOML file, then the environment.
+//! Loaded once and validated at start; a bad value names its key and the reason.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the relay needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL URL of the database whose outbox is relayed (`DATABASE_URL`).
+    pub database_url: String,
+    /// RabbitMQ URL (`AMQP_URL`).
+    pub amqp_url: String,
+    /// Where `/healthz`, `/readyz`, `/metrics` and the admin API listen (`RELAY_HTTP_ADDR`).
+    pub http_addr: SocketAddr,
+    /// Bearer token required by the admin and prepared-message API (`RELAY_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Claim-and-publish loops per relay process. Each has its own channel and transaction;
+    /// several keep the broker busy while another loop waits for its commit.
+    pub workers: usize,
+    /// Rows claimed (and published with pipelined confirms) per batch.
+    pub batch_size: i64,
+    /// Attempts before a message moves to the dead-letter table.
+    pub max_attempts: i32,
+    /// Backoff between failed attempts of one message (exponential with jitter).
+    #[serde(with = "millis")]
+    pub retry_min_ms: Duration,
+    /// Upper bound of that backoff.
+    #[serde(with = "millis")]
+    pub retry_max_ms: Duration,
+    /// How long to wait for a batch's publisher confirms before counting them failed.
+    #[serde(with = "millis")]
+    pub confirm_timeout_ms: Duration,
+    /// Idle polling starts at this interval after the last message...
+    #[serde(with = "millis")]
+    pub poll_min_ms: Duration,
+    /// ...and backs off to this one. It bounds the wake-up latency when producers do not
+    /// NOTIFY, and the delay past due of a delayed message.
+    #[serde(with = "millis")]
+    pub poll_max_ms: Duration,
+    /// LISTEN for `outbox_wakeup` notifications (sent by producers that `SET outbox.notify = 'on'`).
+    pub listen: bool,
+    /// Database connections in the relay's pool.
+    pub db_pool_size: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "postgres://postgres@127.0.0.1:5432/test".to_owned(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            http_addr: "127.0.0.1:9464".parse().expect("valid default address"),
+            admin_token: None,
+            workers: 4,
+            batch_size: 250,
+            max_attempts: 10,
+            retry_min_ms: Duration::from_secs(1),
+            retry_max_ms: Duration::from_secs(300),
+            confirm_timeout_ms: Duration::from_secs(10),
+            poll_min_ms: Duration::from_millis(2),
+            poll_max_ms: Duration::from_millis(50),
+            listen: true,
+            db_pool_size: 10,
+        }
+    }
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration (unknown key, wrong type, ...).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The key (file key or environment variable).
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::load`], reading the environment through `env` (testable).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(v) = env("DATABASE_URL") {
+            config.database_url = v;
+        }
+        if let Some(v) = env("AMQP_URL") {
+            config.amqp_url = v;
+        }
+        if let Some(v) = env("RELAY_HTTP_ADDR") {
+            config.http_addr = v.parse().map_err(|e| ConfigError::Invalid {
+                key: "RELAY_HTTP_ADDR",
+                reason: format!("`{v}` is not an address like 127.0.0.1:9464 ({e})"),
+            })?;
+        }
+        if let Some(v) = env("RELAY_ADMIN_TOKEN") {
+            config.admin_token = Some(v);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no environment). The error names the offending key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Checks ranges and formats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        }
+        if !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
+            return invalid("database_url", "must start with postgres://");
+        }
+        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
+            return invalid("amqp_url", "must start with amqp:// or amqps://");
+        }
+        if matches!(&self.admin_token, Some(t) if t.len() < 16) {
+            return invalid("admin_token", "must be at least 16 characters");
+        }
+        if !(1..=64).contains(&self.workers) {
+            return invalid("workers", "must be between 1 and 64");
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return invalid("batch_size", "must be between 1 and 10000");
+        }
+        if self.max_attempts < 1 {
+            return invalid("max_attempts", "must be at least 1");
+        }
+        if self.retry_min_ms.is_zero() || self.retry_min_ms > self.retry_max_ms {
+            return invalid("retry_min_ms", "must be above 0 and at most retry_max_ms");
+        }
+        if self.confirm_timeout_ms.is_zero() {
+            return invalid("confirm_timeout_ms", "must be above 0");
+        }
+        if self.poll_min_ms.is_zero() || self.poll_min_ms > self.poll_max_ms {
+            return invalid("poll_min_ms", "must be above 0 and at most poll_max_ms");
+        }
+        if self.poll_max_ms > Duration::from_secs(1) {
+            return invalid(
+                "poll_max_ms",
+                "must be at most 1000 (delayed messages are promised within 1 s of due)",
+            );
+        }
+        if self.db_pool_size < (self.workers as u32 + 2) {
+            return invalid("db_pool_size", "must be at least workers + 2");
+        }
+        Ok(())
+    }
+
+    /// The configuration with secrets masked, for logs.
+    pub fn redacted(&self) -> String {
+        format!(
+            "database_url={} amqp_url={} http_addr={} admin_token={} workers={} batch_size={} \
+             max_attempts={} poll={}..{}ms listen={}",
+            redact_url(&self.database_url),
+            redact_url(&self.amqp_url),
+            self.http_addr,
+            if self.admin_token.is_some() {
+                "set"
+            } else {
+                "unset"
+            },
+            self.workers,
+            self.batch_size,
+            self.max_attempts,
+            self.poll_min_ms.as_millis(),
+            self.poll_max_ms.as_millis(),
+            self.listen
+        )
+    }
+}
+
+/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("batch_sise = 10").unwrap_err();
+        assert!(err.contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::parse("workers = \"four\"").unwrap_err();
+        assert!(err.contains("workers"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_named() {
+        let config = Config::parse("batch_size = 0").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file_defaults() {
+        let config = Config::load_from(None, |k| match k {
+            "RELAY_HTTP_ADDR" => Some("127.0.0.1:1".to_owned()),
+            "AMQP_URL" => Some("amqp://u:p@h:1/%2f".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.http_addr.port(), 1);
+        assert_eq!(config.amqp_url, "amqp://u:p@h:1/%2f");
+    }
+
+    #[test]
+    fn bad_environment_address_is_named() {
+        let err = Config::load_from(None, |k| (k == "RELAY_HTTP_ADDR").then(|| "nope".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RELAY_HTTP_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:hunter2@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        let mut config = Config::default();
+        config.admin_token = Some("0123456789abcdef-secret".into());
+        assert!(!config.redacted().contains("secret"));
+    }
+}
