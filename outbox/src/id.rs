@@ -137,6 +137,10 @@ impl ManualClock {
     pub fn set(&self, unix_ms: u64) {
         self.0.store(unix_ms, Ordering::SeqCst);
     }
+    /// The current reading.
+    pub fn now_ms_for_test(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
     /// Moves the time forwards by `ms`.
     pub fn advance(&self, ms: u64) {
         self.0.fetch_add(ms, Ordering::SeqCst);
