@@ -1,0 +1,184 @@
+//! One broker session: connect, declare, consume and dispatch until the connection is lost or
+//! shutdown is asked for, then drain. The consumer runs sessions in a loop; state that lapin's
+//! own recovery would have to restore (channels, QoS, consumers) is simply rebuilt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ordered::Lanes;
+use crate::settle::{self, Session, Shared};
+use crate::{Error, topology};
+
+/// How a session ended.
+pub(crate) enum End {
+    /// Shutdown was asked for and in-flight work drained.
+    Shutdown,
+    /// The session could not start or was lost; `started` says whether it consumed at all.
+    Lost { error: String, started: bool },
+}
+
+/// How often the session checks its connection and channel, on top of lapin's own error
+/// reporting: a consumer can go silent when the broker dies (lapin #389).
+const WATCHDOG: Duration = Duration::from_millis(500);
+/// Connecting to a broker that accepts TCP but never answers must not hang forever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn run(
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    first: bool,
+) -> Result<End, Error> {
+    let config = &shared.config;
+    let connect = Connection::connect(
+        &config.amqp_url,
+        // lapin's auto-recovery stays off (its default): it is reported to hang after a broker
+        // restart (lapin #450); this loop rebuilds the whole session instead.
+        ConnectionProperties::default()
+            .with_connection_name(format!("consumer-lib {}", config.name).into()),
+    );
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => return Ok(lost(format!("connect: {err}"), false)),
+        Err(_) => return Ok(lost("connect: timed out".to_owned(), false)),
+    };
+    let result = consume(shared, &connection, shutdown, first).await;
+    // Closing returns every unacked delivery to the queue at once, instead of after the
+    // broker notices a dead socket.
+    let _ = connection.close(200, "consumer stopping".into()).await;
+    result
+}
+
+fn lost(error: String, started: bool) -> End {
+    End::Lost { error, started }
+}
+
+async fn consume(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+    first: bool,
+) -> Result<End, Error> {
+    let config = &shared.config;
+    let setup = async {
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(Error::broker("open channel"))?;
+        // Confirms: a retry or dead-letter copy counts as safe only once the broker has it.
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(Error::broker("enable confirms"))?;
+        topology::declare(&publish, config, &shared.cascade).await?;
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(Error::broker("open channel"))?;
+        // Per-consumer prefetch (global: false): bounds unacked deliveries in flight; below
+        // ~100 the round trips starve throughput.
+        consume
+            .basic_qos(config.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(Error::broker("set prefetch"))?;
+        let consumer = consume
+            .basic_consume(
+                config.queue.as_str().into(),
+                "".into(),
+                // Manual acks (no_ack: false): a message leaves the queue only after its
+                // effects committed.
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Error::broker("start consuming"))?;
+        Ok::<_, Error>((publish, consume, consumer))
+    };
+    let (publish, consume, mut consumer) = match setup.await {
+        Ok(parts) => parts,
+        // A first session that reached the broker but cannot set up is a configuration
+        // problem (wrong queue arguments, missing exchange): report it instead of looping.
+        Err(err)
+            if first && matches!(err, Error::Broker { .. }) && connection.status().connected() =>
+        {
+            return Err(err);
+        }
+        Err(err) => return Ok(lost(err.to_string(), false)),
+    };
+    tracing::info!(consumer = %config.name, queue = %config.queue, "consuming");
+
+    let session = Arc::new(Session {
+        publish,
+        stop: CancellationToken::new(),
+    });
+    let lanes = Arc::new(Lanes::default());
+    let tracker = TaskTracker::new();
+    let mut watchdog = tokio::time::interval(WATCHDOG);
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break End::Shutdown,
+            _ = watchdog.tick() => {
+                if !connection.status().connected() || !consume.status().connected() {
+                    break lost("connection or channel closed".to_owned(), true);
+                }
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let key = if config.ordered {
+                        crate::headers::str_value(
+                            delivery.properties.headers().as_ref().unwrap_or(&FieldTable::default()),
+                            crate::message::ORDERING_KEY_HEADER,
+                        )
+                        .map(str::to_owned)
+                    } else {
+                        None
+                    };
+                    match key {
+                        Some(key) => lanes.dispatch(key, delivery, shared, &session, &tracker),
+                        None => {
+                            tracker.spawn(settle::handle(Arc::clone(shared), Arc::clone(&session), delivery));
+                        }
+                    }
+                }
+                Some(Err(err)) => break lost(format!("consumer: {err}"), true),
+                None => break lost("consumer cancelled by the broker".to_owned(), true),
+            }
+        }
+    };
+
+    // No new work from here: deliveries not yet started stay unacked and are requeued when
+    // the channel closes; running handlers finish and ack.
+    session.stop.cancel();
+    if matches!(end, End::Shutdown) {
+        let _ = consume
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+    }
+    drop(consumer);
+    tracker.close();
+    match end {
+        End::Shutdown => {
+            if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(consumer = %config.name, "shutdown grace period over; closing with handlers still running");
+            }
+        }
+        // Before a new session starts, the old one's handlers must be done: otherwise a
+        // redelivered message of an ordering key could run beside its predecessor.
+        End::Lost { .. } => tracker.wait().await,
+    }
+    let _ = consume.close(200, "consumer stopping".into()).await;
+    let _ = session.publish.close(200, "consumer stopping".into()).await;
+    Ok(end)
+}
