@@ -32,6 +32,9 @@ pub enum PreparedError {
     /// The message or a request field was refused by validation (the text names the field).
     #[error("{0}")]
     Invalid(String),
+    /// The payload or the headers are over the outbox's size limit (the text names which).
+    #[error("{0}")]
+    TooLarge(String),
     /// No prepared message with this id is known (never prepared, or its outcome was pruned).
     #[error("no prepared message with id {0}")]
     NotFound(MessageId),
@@ -61,12 +64,14 @@ pub enum PreparedError {
 
 impl From<sqlx::Error> for PreparedError {
     fn from(err: sqlx::Error) -> Self {
-        // The SQL API raises these SQLSTATEs for bad input, with a message naming the field.
-        const INVALID: [&str; 3] = ["22023", "22004", "54000"];
-        if let sqlx::Error::Database(db) = &err
-            && db.code().is_some_and(|c| INVALID.contains(&c.as_ref()))
-        {
-            return PreparedError::Invalid(db.message().to_owned());
+        // The SQL API raises these SQLSTATEs for bad input, with a message naming the field:
+        // invalid_parameter_value, null_value_not_allowed, and program_limit_exceeded for sizes.
+        if let sqlx::Error::Database(db) = &err {
+            match db.code().as_deref() {
+                Some("22023" | "22004") => return PreparedError::Invalid(db.message().to_owned()),
+                Some("54000") => return PreparedError::TooLarge(db.message().to_owned()),
+                _ => {}
+            }
         }
         PreparedError::Database(err)
     }
@@ -207,15 +212,15 @@ impl Prepared {
 
     /// Removes the message: it is never published. Idempotent; [`PreparedError::Conflict`] when
     /// it was committed before.
-    pub async fn rollback<'e, E: PgExecutor<'e>>(
-        &self,
-        executor: E,
-    ) -> Result<(), PreparedError> {
+    pub async fn rollback<'e, E: PgExecutor<'e>>(&self, executor: E) -> Result<(), PreparedError> {
         decide_expecting(executor, self.id, Decision::RolledBack, DecidedBy::Producer).await
     }
 
     /// Where the message stands.
-    pub async fn status<'e, E: PgExecutor<'e>>(&self, executor: E) -> Result<Status, PreparedError> {
+    pub async fn status<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+    ) -> Result<Status, PreparedError> {
         status(executor, self.id).await
     }
 }
@@ -513,7 +518,8 @@ async fn problem(
     match (status, id, conflicting) {
         (404, Some(id), _) => PreparedError::NotFound(id),
         (409, Some(id), Some(decided)) => PreparedError::Conflict { id, decided },
-        (400 | 413 | 422, _, _) => PreparedError::Invalid(detail),
+        (413, _, _) => PreparedError::TooLarge(detail),
+        (400 | 422, _, _) => PreparedError::Invalid(detail),
         _ => PreparedError::Api { status, detail },
     }
 }
