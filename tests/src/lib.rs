@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests in `tests/tests/`: a fresh, migrated database per
 //! test and random broker names, so tests never see each other's rows or queues.
 
+pub mod proxy;
+
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 
 /// The server every test database is created on (`DATABASE_URL`, default: local `test`).
