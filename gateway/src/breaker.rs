@@ -1,0 +1,208 @@
+//! A circuit breaker per upstream, shared by every route that targets it. After
+//! `failure_threshold` consecutive failures (5xx, unreachable, timeout) it opens: requests are
+//! answered 503 with `Retry-After` without touching the upstream or any record. When `open_ms`
+//! has passed, exactly one request goes through as a probe (half-open); its success closes the
+//! breaker, its failure opens it again.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use axum::response::IntoResponse;
+use futures::future::BoxFuture;
+use http::StatusCode;
+use tower::{Layer, Service};
+
+use crate::problem::{GatewayRequest, GatewayResponse, Problem, UpstreamOutcome};
+
+#[derive(Debug)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// The shared state of one upstream's breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    upstream: String,
+    threshold: u32,
+    open_for: Duration,
+    state: Mutex<State>,
+}
+
+enum Admission {
+    Pass,
+    Probe,
+    Reject(Duration),
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(upstream: &str, threshold: u32, open_for: Duration) -> Self {
+        Self {
+            upstream: upstream.to_owned(),
+            threshold,
+            open_for,
+            state: Mutex::new(State::Closed { failures: 0 }),
+        }
+    }
+
+    fn admit(&self) -> Admission {
+        let mut state = self.state.lock().expect("breaker lock");
+        match *state {
+            State::Closed { .. } => Admission::Pass,
+            State::Open { until } => {
+                let now = Instant::now();
+                if now >= until {
+                    *state = State::HalfOpen { probing: true };
+                    self.transition("half_open");
+                    Admission::Probe
+                } else {
+                    Admission::Reject(until - now)
+                }
+            }
+            State::HalfOpen { probing: true } => Admission::Reject(Duration::from_secs(1)),
+            State::HalfOpen { probing: false } => {
+                *state = State::HalfOpen { probing: true };
+                Admission::Probe
+            }
+        }
+    }
+
+    fn record(&self, outcome: Option<UpstreamOutcome>, probe: bool) {
+        let mut state = self.state.lock().expect("breaker lock");
+        match (outcome, &mut *state) {
+            (Some(UpstreamOutcome::Success), State::Closed { failures }) => *failures = 0,
+            (Some(UpstreamOutcome::Success), State::HalfOpen { .. }) if probe => {
+                *state = State::Closed { failures: 0 };
+                self.transition("closed");
+            }
+            (Some(UpstreamOutcome::Failure), State::Closed { failures }) => {
+                *failures += 1;
+                if *failures >= self.threshold {
+                    *state = State::Open {
+                        until: Instant::now() + self.open_for,
+                    };
+                    self.transition("open");
+                }
+            }
+            (Some(UpstreamOutcome::Failure), State::HalfOpen { .. }) if probe => {
+                *state = State::Open {
+                    until: Instant::now() + self.open_for,
+                };
+                self.transition("open");
+            }
+            // The probe never reached the upstream (a lock refusal, a replay): let another try.
+            (None, State::HalfOpen { probing }) if probe => *probing = false,
+            _ => {}
+        }
+    }
+
+    fn transition(&self, to: &'static str) {
+        tracing::info!(upstream = %self.upstream, state = to, "circuit breaker");
+        metrics::counter!("gateway_breaker_transitions_total", "upstream" => self.upstream.clone(), "state" => to)
+            .increment(1);
+    }
+}
+
+/// Adds [`CircuitBreaker`].
+#[derive(Clone)]
+pub struct BreakerLayer {
+    breaker: Arc<Breaker>,
+}
+
+impl BreakerLayer {
+    /// Around a shared breaker.
+    pub fn new(breaker: Arc<Breaker>) -> Self {
+        Self { breaker }
+    }
+}
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker {
+            inner,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+/// Fails fast while the upstream's breaker is open.
+#[derive(Clone)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    breaker: Arc<Breaker>,
+}
+
+impl<S> Service<GatewayRequest> for CircuitBreaker<S>
+where
+    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: GatewayRequest) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let breaker = self.breaker.clone();
+        Box::pin(async move {
+            let probe = match breaker.admit() {
+                Admission::Pass => false,
+                Admission::Probe => true,
+                Admission::Reject(wait) => {
+                    return Ok(Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "circuit-open",
+                        "Upstream circuit open",
+                    )
+                    .detail(format!(
+                        "upstream {} failed repeatedly; requests are refused until it is probed again",
+                        breaker.upstream
+                    ))
+                    .retry_after(wait.as_millis().div_ceil(1000) as u64)
+                    .into_response());
+                }
+            };
+            let mut guard = ProbeGuard {
+                breaker: breaker.clone(),
+                probe,
+                done: false,
+            };
+            let resp = inner.call(req).await?;
+            guard.done = true;
+            breaker.record(resp.extensions().get::<UpstreamOutcome>().copied(), probe);
+            Ok(resp)
+        })
+    }
+}
+
+/// A probe dropped before its answer (the client left) must not leave the breaker half-open
+/// with no probe ever finishing.
+struct ProbeGuard {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    done: bool,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if !self.done && self.probe {
+            self.breaker.record(None, true);
+        }
+    }
+}

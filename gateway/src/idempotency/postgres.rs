@@ -1,0 +1,156 @@
+//! Records in `gateway.idempotency_records` (migration 0003). Claiming is one upsert whose
+//! `WHERE` only lets it overwrite an expired record or an in-flight one whose lease ran out, so
+//! concurrent gateways agree on a single owner without any lock held across the upstream call.
+
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::store::{Begin, RecordSpec, StoreError, StoredResponse};
+
+/// The PostgreSQL record store.
+#[derive(Clone)]
+pub struct PgRecords {
+    pool: PgPool,
+}
+
+impl PgRecords {
+    /// On a pool whose database has the `gateway` schema.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub(super) async fn begin(&self, spec: &RecordSpec) -> Result<Begin, StoreError> {
+        // A row can vanish between the failed claim and the read (cleanup, a release): then the
+        // claim is simply tried again.
+        for _ in 0..5 {
+            let token = Uuid::new_v4();
+            let claimed = sqlx::query(
+                "INSERT INTO gateway.idempotency_records AS r
+                     (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
+                 VALUES ($1, $2, $3, $4, 'in_flight',
+                         clock_timestamp() + $5::bigint * interval '1 millisecond',
+                         clock_timestamp() + $6::bigint * interval '1 millisecond',
+                         clock_timestamp() + $7::bigint * interval '1 second')
+                 ON CONFLICT (caller, key) DO UPDATE SET
+                     fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                     state = 'in_flight', lease_until = EXCLUDED.lease_until,
+                     settle_by = EXCLUDED.settle_by, expires_at = EXCLUDED.expires_at,
+                     status = NULL, headers = NULL, body = NULL, created_at = clock_timestamp()
+                 WHERE r.expires_at <= clock_timestamp()
+                    OR (r.state = 'in_flight' AND r.lease_until <= clock_timestamp()
+                        AND r.fingerprint = EXCLUDED.fingerprint)
+                 RETURNING token",
+            )
+            .bind(&spec.caller)
+            .bind(&spec.key)
+            .bind(&spec.fingerprint[..])
+            .bind(token)
+            .bind(spec.lease_ms as i64)
+            .bind(spec.settle_ms as i64)
+            .bind(spec.ttl_secs as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+            if claimed.is_some() {
+                return Ok(Begin::Started { token });
+            }
+            let row = sqlx::query(
+                "SELECT fingerprint, state, status, headers, body,
+                        GREATEST(0, EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000)::bigint AS lease_left_ms,
+                        settle_by < clock_timestamp() AS unknown
+                 FROM gateway.idempotency_records
+                 WHERE caller = $1 AND key = $2 AND expires_at > clock_timestamp()",
+            )
+            .bind(&spec.caller)
+            .bind(&spec.key)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else { continue };
+            let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+            if fingerprint != spec.fingerprint {
+                return Ok(Begin::Mismatch);
+            }
+            let state: String = row.try_get("state")?;
+            if state == "in_flight" {
+                let left: Option<i64> = row.try_get("lease_left_ms")?;
+                let unknown: Option<bool> = row.try_get("unknown")?;
+                return Ok(Begin::InFlight {
+                    lease_left_ms: left.unwrap_or(0).max(0) as u64,
+                    outcome_unknown: unknown.unwrap_or(false),
+                });
+            }
+            let status: Option<i16> = row.try_get("status")?;
+            let headers: Option<serde_json::Value> = row.try_get("headers")?;
+            let body: Option<Vec<u8>> = row.try_get("body")?;
+            let (Some(status), Some(headers)) = (status, headers) else {
+                return Err(StoreError::Corrupt(
+                    "completed record without a response".into(),
+                ));
+            };
+            return Ok(Begin::Completed(StoredResponse {
+                status: status as u16,
+                headers: StoredResponse::headers_from_json(&headers)?,
+                body: body.unwrap_or_default(),
+            }));
+        }
+        Err(StoreError::Corrupt(
+            "record kept changing while it was claimed".into(),
+        ))
+    }
+
+    pub(super) async fn complete(
+        &self,
+        spec: &RecordSpec,
+        token: Uuid,
+        response: &StoredResponse,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE gateway.idempotency_records
+             SET state = 'completed', status = $4, headers = $5, body = $6,
+                 lease_until = NULL, expires_at = clock_timestamp() + $7::bigint * interval '1 second'
+             WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
+        )
+        .bind(&spec.caller)
+        .bind(&spec.key)
+        .bind(token)
+        .bind(response.status as i16)
+        .bind(response.headers_json())
+        .bind(&response.body)
+        .bind(spec.ttl_secs as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn release(&self, spec: &RecordSpec, token: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM gateway.idempotency_records
+             WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
+        )
+        .bind(&spec.caller)
+        .bind(&spec.key)
+        .bind(token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn cleanup(&self) -> Result<u64, StoreError> {
+        // Batches keep each delete short, so it never holds back vacuum or blocks claims for long.
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM gateway.idempotency_records
+                 WHERE (caller, key) IN (
+                     SELECT caller, key FROM gateway.idempotency_records
+                     WHERE expires_at <= clock_timestamp() LIMIT 1000
+                     FOR UPDATE SKIP LOCKED)",
+            )
+            .execute(&self.pool)
+            .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+}

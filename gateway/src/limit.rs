@@ -1,0 +1,168 @@
+//! Admission limits of a route: a token bucket per caller (429 with `Retry-After`) and a cap on
+//! requests in progress (503). Both are per gateway instance: with N gateways behind a load
+//! balancer the effective limits are N times the configured ones.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::response::IntoResponse;
+use futures::future::BoxFuture;
+use http::StatusCode;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::{
+    caller::Caller,
+    problem::{GatewayRequest, GatewayResponse, Problem},
+};
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Per-caller token buckets of one route.
+pub struct RateLimiter {
+    route: String,
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+}
+
+impl RateLimiter {
+    /// `per_sec` sustained, `burst` at once.
+    pub fn new(route: &str, per_sec: f64, burst: u32) -> Self {
+        Self {
+            route: route.to_owned(),
+            per_sec,
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token, or says how many seconds until one is available.
+    fn take(&self, caller: &Arc<str>) -> Result<(), f64> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        // Callers are a fixed set from the config (or "anonymous"), so the map stays small.
+        let b = buckets.entry(caller.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - b.tokens) / self.per_sec)
+        }
+    }
+}
+
+/// Adds [`Limits`].
+#[derive(Clone)]
+pub struct LimitLayer {
+    rate: Option<Arc<RateLimiter>>,
+    concurrency: Option<Arc<Semaphore>>,
+    route: String,
+}
+
+impl LimitLayer {
+    /// Either limit may be absent.
+    pub fn new(route: &str, rate: Option<RateLimiter>, max_concurrency: Option<usize>) -> Self {
+        Self {
+            rate: rate.map(Arc::new),
+            concurrency: max_concurrency.map(|n| Arc::new(Semaphore::new(n))),
+            route: route.to_owned(),
+        }
+    }
+}
+
+impl<S> Layer<S> for LimitLayer {
+    type Service = Limits<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Limits {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Refuses what exceeds the route's limits.
+#[derive(Clone)]
+pub struct Limits<S> {
+    inner: S,
+    layer: LimitLayer,
+}
+
+impl<S> Service<GatewayRequest> for Limits<S>
+where
+    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: GatewayRequest) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            if let Some(rate) = &layer.rate {
+                let caller = req
+                    .extensions()
+                    .get::<Caller>()
+                    .cloned()
+                    .unwrap_or_else(Caller::anonymous);
+                if let Err(wait) = rate.take(&caller.0) {
+                    metrics::counter!("gateway_rate_limited_total", "route" => rate.route.clone(), "caller" => caller.0.to_string())
+                        .increment(1);
+                    return Ok(Problem::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate-limited",
+                        "Too many requests",
+                    )
+                    .detail(format!(
+                        "caller {} exceeded {} requests per second on {}",
+                        caller.0, rate.per_sec, rate.route
+                    ))
+                    .retry_after(wait.ceil() as u64)
+                    .into_response());
+                }
+            }
+            let _permit = match &layer.concurrency {
+                None => None,
+                Some(sem) => match sem.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        return Ok(Problem::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "concurrency-limited",
+                            "Too many requests in progress",
+                        )
+                        .detail(format!("route {} is at its max_concurrency", layer.route))
+                        .retry_after(1)
+                        .into_response());
+                    }
+                },
+            };
+            inner.call(req).await
+        })
+    }
+}

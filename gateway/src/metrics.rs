@@ -1,0 +1,48 @@
+//! Prometheus metrics. The recorder is process-wide (the `metrics` crate has one global
+//! recorder), installed on first use, so several gateways in one test process share it.
+
+use std::{sync::OnceLock, time::Duration};
+
+use http::StatusCode;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The handle that renders `/metrics`, installing the recorder if needed.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".into()),
+                &[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
+            .expect("non-empty buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+/// Renders the text exposition format.
+pub fn render() -> String {
+    let h = handle();
+    h.run_upkeep();
+    h.render()
+}
+
+/// Counts a finished request and records its latency.
+pub fn record_request(route: &str, caller: &str, status: StatusCode, elapsed: Duration) {
+    let labels = [
+        ("route", route.to_owned()),
+        ("caller", caller.to_owned()),
+        ("status", status.as_u16().to_string()),
+    ];
+    metrics::counter!("gateway_requests_total", &labels).increment(1);
+    metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+}

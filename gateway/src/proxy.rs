@@ -1,0 +1,168 @@
+//! The innermost service: sends a request to its route's upstream and nothing else. The target is
+//! always built from the configured upstream plus the path after the route prefix, so neither an
+//! absolute-form request target nor a `Host` header can point the gateway at another host, and
+//! redirects are handed back to the client, never followed.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{body::Body, response::IntoResponse};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tower::Service;
+
+use crate::{
+    config::{RouteConfig, Upstream, parse_upstream},
+    headers::{RequestId, X_REQUEST_ID, strip_hop_by_hop},
+    problem::{GatewayRequest, GatewayResponse, Problem, UpstreamOutcome},
+};
+
+/// The part of the request path after the route prefix, with the query, put in the request's
+/// extensions by the front handler (`/pay/x?a=1` on route `/pay` gives `/x?a=1`).
+#[derive(Debug, Clone)]
+pub struct ForwardPath(pub String);
+
+/// One pooled HTTP/1.1 client shared by every route: connections to an upstream are reused.
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the shared client.
+pub fn client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .build(connector)
+}
+
+/// Forwards to one upstream.
+#[derive(Clone)]
+pub struct Proxy {
+    client: UpstreamClient,
+    upstream: Arc<Upstream>,
+    forward_authorization: bool,
+    set_headers: Arc<HeaderMap>,
+}
+
+impl Proxy {
+    /// For a validated route.
+    pub fn new(client: UpstreamClient, route: &RouteConfig) -> Self {
+        let upstream = parse_upstream(&route.upstream).expect("validated upstream");
+        let mut set_headers = HeaderMap::new();
+        for (k, v) in &route.set_headers {
+            set_headers.insert(
+                HeaderName::try_from(k.as_str()).expect("validated header name"),
+                HeaderValue::try_from(v.as_str()).expect("validated header value"),
+            );
+        }
+        Self {
+            client,
+            upstream: Arc::new(upstream),
+            forward_authorization: route.forward_authorization,
+            set_headers: Arc::new(set_headers),
+        }
+    }
+}
+
+impl Service<GatewayRequest> for Proxy {
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The pooled client queues internally; readiness is always immediate.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: GatewayRequest) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(req).await) })
+    }
+}
+
+impl Proxy {
+    async fn forward(self, req: GatewayRequest) -> GatewayResponse {
+        let (mut parts, body) = req.into_parts();
+        let rest = parts
+            .extensions
+            .get::<ForwardPath>()
+            .map(|p| p.0.clone())
+            .unwrap_or_else(|| "/".into());
+        let target = format!("{}{}", self.upstream.base_path, rest);
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(self.upstream.authority.clone())
+            .path_and_query(target)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => {
+                return Problem::new(StatusCode::BAD_REQUEST, "bad-path", "Bad request path")
+                    .detail(e.to_string())
+                    .into_response();
+            }
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        if !self.forward_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
+        if let Some(id) = parts.extensions.get::<RequestId>() {
+            headers.insert(X_REQUEST_ID.clone(), id.0.clone());
+        }
+        for (k, v) in self.set_headers.iter() {
+            headers.insert(k.clone(), v.clone());
+        }
+        let mut out = http::Request::new(Full::new(body));
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
+        match self.client.request(out).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                // The client's connection has its own protocol version; the upstream's (maybe
+                // HTTP/1.0) must not leak into it.
+                parts.version = http::Version::default();
+                let outcome = if parts.status.is_server_error() {
+                    UpstreamOutcome::Failure
+                } else {
+                    UpstreamOutcome::Success
+                };
+                parts.extensions.insert(outcome);
+                http::Response::from_parts(parts, Body::new(body))
+            }
+            Err(err) => {
+                tracing::warn!(upstream = %self.upstream.authority, cause = %err, "upstream request failed");
+                let detail = if err.is_connect() {
+                    format!("cannot connect to upstream {}", self.upstream.authority)
+                } else {
+                    format!(
+                        "upstream {} closed the exchange before answering",
+                        self.upstream.authority
+                    )
+                };
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unreachable",
+                    "Bad gateway",
+                )
+                .detail(detail)
+                .outcome(UpstreamOutcome::Failure)
+                .into_response()
+            }
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! Assembles the gateway: connects the stores, builds one tower stack per route, and serves the
+//! front handler (authentication, routing, request id, body limit) plus `/healthz`, `/readyz`
+//! and `/metrics` until the shutdown token is cancelled.
+
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use sqlx::{PgPool, postgres::PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::{ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
+
+use crate::{
+    breaker::{Breaker, BreakerLayer},
+    caller::Callers,
+    config::{BreakerConfig, Config, StoreKind, parse_upstream},
+    headers::{RequestId, X_REQUEST_ID, request_id},
+    idempotency::{
+        IdempotencyLayer, IdempotencySettings, RecordStore, postgres::PgRecords,
+        redis::RedisRecords,
+    },
+    limit::{LimitLayer, RateLimiter},
+    lock::{LockLayer, LockSettings, LockStore},
+    problem::{GatewayRequest, GatewayResponse, Problem},
+    proxy::{ForwardPath, Proxy},
+    retry::{RetryLayer, RetrySettings},
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
+};
+
+/// The gateway could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// PostgreSQL could not be reached.
+    #[error("cannot connect to database_url: {0}")]
+    Database(#[source] sqlx::Error),
+    /// The `gateway` tables are not there.
+    #[error(
+        "the database has no gateway tables (schema `gateway`, migration 0003_gateway); run `outbox-relay migrate` or `gateway migrate --config FILE` first"
+    )]
+    MissingSchema,
+    /// Redis could not be reached.
+    #[error("cannot connect to redis_url: {0}")]
+    Redis(#[source] redis::RedisError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+type RouteService = BoxCloneSyncService<GatewayRequest, GatewayResponse, Infallible>;
+
+struct RouteEntry {
+    prefix: String,
+    max_body: usize,
+    service: RouteService,
+}
+
+struct Shared {
+    routes: Vec<RouteEntry>,
+    callers: Callers,
+    pg: Option<PgPool>,
+    redis: Option<redis::aio::MultiplexedConnection>,
+}
+
+/// A configured gateway, connected to its stores, ready to serve.
+pub struct Gateway {
+    config: Config,
+    shared: Arc<Shared>,
+    records: RecordStore,
+    locks: LockStore,
+}
+
+/// Checks that migration 0003 has been applied to this database.
+pub async fn has_schema(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT to_regclass('gateway.idempotency_records') IS NOT NULL
+            AND to_regclass('gateway.lock_entries') IS NOT NULL
+            AND to_regprocedure('gateway.lock_try(bigint,bigint)') IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+impl Gateway {
+    /// Connects the stores named by a validated config and builds every route's stack.
+    pub async fn connect(config: Config) -> Result<Self, StartError> {
+        crate::metrics::handle();
+        let pg = match &config.database_url {
+            Some(url) if config.store == StoreKind::Postgres => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(20)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await
+                    .map_err(StartError::Database)?;
+                if !has_schema(&pool).await.map_err(StartError::Database)? {
+                    return Err(StartError::MissingSchema);
+                }
+                Some(pool)
+            }
+            _ => None,
+        };
+        let redis = match &config.redis_url {
+            Some(url) if config.store == StoreKind::Redis => {
+                let client = redis::Client::open(url.as_str()).map_err(StartError::Redis)?;
+                Some(
+                    client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(StartError::Redis)?,
+                )
+            }
+            _ => None,
+        };
+        let (records, locks) = match (&pg, &redis) {
+            (Some(pool), _) => (
+                RecordStore::Postgres(PgRecords::new(pool.clone())),
+                LockStore::postgres(pool.clone()),
+            ),
+            (None, Some(conn)) => (
+                RecordStore::Redis(RedisRecords::new(conn.clone(), "gw:")),
+                LockStore::redis(conn.clone(), "gw:"),
+            ),
+            (None, None) => unreachable!("validated config names a store"),
+        };
+        let client = crate::proxy::client();
+        let mut breakers: HashMap<String, Arc<Breaker>> = HashMap::new();
+        let mut routes = Vec::new();
+        for route in &config.routes {
+            let upstream = parse_upstream(&route.upstream).expect("validated upstream");
+            let bc = route.breaker.clone().unwrap_or_default();
+            // One breaker per upstream host: the first route naming it sets its thresholds.
+            let breaker = bc.enabled.then(|| {
+                breakers
+                    .entry(upstream.authority.to_string())
+                    .or_insert_with(|| {
+                        let BreakerConfig {
+                            failure_threshold,
+                            open_ms,
+                            ..
+                        } = bc;
+                        Arc::new(Breaker::new(
+                            upstream.authority.as_str(),
+                            failure_threshold,
+                            Duration::from_millis(open_ms),
+                        ))
+                    })
+                    .clone()
+            });
+            let label = route.prefix.clone();
+            let rate = route.rate_limit.as_ref().map(|r| {
+                let burst = r.burst.unwrap_or_else(|| r.per_sec.ceil().max(1.0) as u32);
+                RateLimiter::new(&label, r.per_sec, burst)
+            });
+            let limits = (rate.is_some() || route.max_concurrency.is_some())
+                .then(|| LimitLayer::new(&label, rate, route.max_concurrency));
+            let stack = ServiceBuilder::new()
+                .layer(TraceLayer::new(&label))
+                .option_layer(limits)
+                .option_layer(breaker.map(BreakerLayer::new))
+                .layer(TimeoutLayer::new(Duration::from_millis(route.timeout_ms)))
+                .option_layer(
+                    IdempotencySettings::from_route(route)
+                        .map(|s| IdempotencyLayer::new(s, records.clone())),
+                )
+                .option_layer(
+                    LockSettings::from_route(route).map(|s| LockLayer::new(s, locks.clone())),
+                )
+                .option_layer(
+                    route
+                        .retry
+                        .as_ref()
+                        .map(|r| RetryLayer::new(RetrySettings::new(&label, r))),
+                )
+                .service(Proxy::new(client.clone(), route));
+            routes.push(RouteEntry {
+                prefix: route.normalized_prefix(),
+                max_body: route.max_body_bytes.unwrap_or(config.max_body_bytes),
+                service: BoxCloneSyncService::new(stack),
+            });
+        }
+        // Longest prefix first, so `/pay/refunds` wins over `/pay`.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let shared = Arc::new(Shared {
+            routes,
+            callers: Callers::new(&config.callers),
+            pg,
+            redis,
+        });
+        Ok(Self {
+            config,
+            shared,
+            records,
+            locks,
+        })
+    }
+
+    /// The axum router (for embedding; [`Gateway::serve`] uses it).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .fallback(front)
+            .with_state(self.shared.clone())
+    }
+
+    /// Binds the configured `listen` address.
+    pub async fn bind(&self) -> Result<TcpListener, StartError> {
+        TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: self.config.listen,
+                source,
+            })
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then lets requests in progress finish.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let cleanup = tokio::spawn(cleanup_loop(
+            self.records.clone(),
+            self.locks.clone(),
+            Duration::from_secs(self.config.cleanup_interval_secs),
+            shutdown.clone(),
+        ));
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await;
+        shutdown.cancel();
+        let _ = cleanup.await;
+        result
+    }
+}
+
+async fn cleanup_loop(
+    records: RecordStore,
+    locks: LockStore,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match records.cleanup().await {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "expired idempotency records removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(cause = %e, "idempotency cleanup failed"),
+        }
+        if let Err(e) = locks.cleanup().await {
+            tracing::warn!(cause = %e, "lock cleanup failed");
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let check = async {
+        if let Some(pool) = &shared.pg {
+            sqlx::query("SELECT 1")
+                .execute(pool)
+                .await
+                .map_err(|e| format!("postgres: {e}"))?;
+        }
+        if let Some(conn) = &shared.redis {
+            let mut conn = conn.clone();
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+        }
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => "ready".into_response(),
+        Ok(Err(e)) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+            .detail(e)
+            .into_response(),
+        Err(_) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+            .detail("store check timed out")
+            .into_response(),
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Whether `path` is `prefix` or below it, on a segment boundary.
+fn matches(prefix: &str, path: &str) -> Option<usize> {
+    if prefix.is_empty() {
+        return Some(0);
+    }
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(prefix.len())
+}
+
+/// Dot segments would let `/pay/../admin` climb out of the upstream base path.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|s| {
+        let s = s.to_ascii_lowercase().replace("%2e", ".");
+        s == "." || s == ".."
+    })
+}
+
+async fn front(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
+    let id = request_id(req.headers());
+    let mut resp = route_request(&shared, req, id.clone()).await;
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    resp
+}
+
+async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> Response {
+    let started = std::time::Instant::now();
+    let refuse = |route: &str, caller: &str, p: Problem| {
+        crate::metrics::record_request(route, caller, p.status(), started.elapsed());
+        p.into_response()
+    };
+    let caller = match shared.callers.identify(req.headers()) {
+        Ok(c) => c,
+        Err(p) => return refuse("", "", p),
+    };
+    // Only the path is used: an absolute-form target's scheme and authority, and the Host
+    // header, never influence where the request goes.
+    let path = req.uri().path().to_owned();
+    let Some((entry, cut)) = shared
+        .routes
+        .iter()
+        .find_map(|r| matches(&r.prefix, &path).map(|cut| (r, cut)))
+    else {
+        return refuse(
+            "",
+            &caller.0,
+            Problem::new(StatusCode::NOT_FOUND, "no-route", "No route")
+                .detail(format!("no route is configured for {path}")),
+        );
+    };
+    if has_dot_segment(&path) {
+        return refuse(
+            &entry.prefix,
+            &caller.0,
+            Problem::new(StatusCode::BAD_REQUEST, "bad-path", "Bad request path")
+                .detail("'.' and '..' path segments are not forwarded"),
+        );
+    }
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+        )
+        .detail(format!(
+            "this route accepts at most {} bytes",
+            entry.max_body
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > entry.max_body as u64) {
+        return refuse(&entry.prefix, &caller.0, too_large());
+    }
+    let (mut parts, body) = req.into_parts();
+    let bytes: Bytes = match Limited::new(body, entry.max_body).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return refuse(&entry.prefix, &caller.0, too_large());
+        }
+        Err(e) => {
+            return refuse(
+                &entry.prefix,
+                &caller.0,
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "body-unreadable",
+                    "Request body unreadable",
+                )
+                .detail(e.to_string()),
+            );
+        }
+    };
+    let rest = &path[cut..];
+    let mut forward = if rest.is_empty() {
+        "/".to_owned()
+    } else {
+        rest.to_owned()
+    };
+    if let Some(q) = parts.uri.query() {
+        forward.push('?');
+        forward.push_str(q);
+    }
+    // Keep only the origin form, so the fingerprint does not depend on how the target was written.
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = http::Uri::from(pq);
+    }
+    parts.extensions.insert(caller);
+    parts.extensions.insert(RequestId(id));
+    parts.extensions.insert(ForwardPath(forward));
+    let req = Request::from_parts(parts, bytes);
+    match entry.service.clone().oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert_eq!(matches("/pay", "/pay"), Some(4));
+        assert_eq!(matches("/pay", "/pay/x"), Some(4));
+        assert_eq!(matches("/pay", "/payment"), None);
+        assert_eq!(matches("", "/anything"), Some(0));
+    }
+
+    #[test]
+    fn dot_segments_are_detected() {
+        assert!(has_dot_segment("/pay/../admin"));
+        assert!(has_dot_segment("/pay/%2E%2e/admin"));
+        assert!(!has_dot_segment("/pay/a.b"));
+    }
+}

@@ -1,0 +1,108 @@
+//! The outermost layer of a route: a span per request (route, caller, method, path, request id)
+//! that every inner layer logs under, and the request counters and latency histogram.
+
+use std::{
+    convert::Infallible,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::{
+    caller::Caller,
+    headers::RequestId,
+    problem::{GatewayProblem, GatewayRequest, GatewayResponse},
+};
+
+/// Adds [`Trace`].
+#[derive(Debug, Clone)]
+pub struct TraceLayer {
+    route: String,
+}
+
+impl TraceLayer {
+    /// For one route.
+    pub fn new(route: &str) -> Self {
+        Self {
+            route: route.to_owned(),
+        }
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Trace {
+            inner,
+            route: self.route.clone(),
+        }
+    }
+}
+
+/// Spans, logs and counts requests.
+#[derive(Debug, Clone)]
+pub struct Trace<S> {
+    inner: S,
+    route: String,
+}
+
+impl<S> Service<GatewayRequest> for Trace<S>
+where
+    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: GatewayRequest) -> Self::Future {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .and_then(|r| r.0.to_str().ok().map(str::to_owned))
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "request",
+            route = %self.route,
+            caller = %caller,
+            method = %req.method(),
+            path = %req.uri().path(),
+            request_id = %request_id,
+        );
+        let route = self.route.clone();
+        let started = Instant::now();
+        let fut = {
+            let _enter = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(
+            async move {
+                let resp = fut.await?;
+                let elapsed = started.elapsed();
+                let problem = resp.extensions().get::<GatewayProblem>().map(|p| p.0);
+                tracing::info!(
+                    status = resp.status().as_u16(),
+                    latency_ms = elapsed.as_millis() as u64,
+                    problem,
+                    "finished"
+                );
+                crate::metrics::record_request(&route, &caller, resp.status(), elapsed);
+                Ok(resp)
+            }
+            .instrument(span),
+        )
+    }
+}
