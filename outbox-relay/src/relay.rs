@@ -187,6 +187,7 @@ async fn relay_batch(
     for (msg, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Confirmed => {
+                debug!(message_id = msg.id, exchange = %msg.exchange, routing_key = %msg.routing_key, bytes = msg.payload.len(), "published");
                 published.push(msg.id);
                 let age = (now - msg.created_at).to_std().unwrap_or_default();
                 histogram!("outbox_relay_enqueue_to_confirm_seconds").record(age.as_secs_f64());
