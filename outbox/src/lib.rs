@@ -65,7 +65,11 @@ impl Outbox {
     /// Stores `msg` through `conn`, normally your open transaction (`&mut tx`): the message exists
     /// if and only if that transaction commits. Returns its id, or the pending message's id when
     /// one with the same dedupe key is already waiting.
-    pub async fn enqueue(&self, conn: &mut PgConnection, msg: &Message) -> Result<MessageId, Error> {
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        msg: &Message,
+    ) -> Result<MessageId, Error> {
         let id = self.ids.next_id().await?;
         let headers = serde_json::Value::Object(msg.headers.clone());
         let stored: i64 = sqlx::query_scalar(
