@@ -292,8 +292,10 @@ mod tests {
             redact_url("amqp://guest:hunter2@h:5672/%2f"),
             "amqp://guest:***@h:5672/%2f"
         );
-        let mut config = Config::default();
-        config.admin_token = Some("0123456789abcdef-secret".into());
+        let config = Config {
+            admin_token: Some("0123456789abcdef-secret".into()),
+            ..Config::default()
+        };
         assert!(!config.redacted().contains("secret"));
     }
 }
