@@ -369,7 +369,7 @@ async fn business_commit_racing_checkback_has_exactly_one_outcome() {
     assert_eq!(
         count(&outbox_db, "SELECT count(*) FROM outbox.messages").await,
         both.0
-    );
+    );    eprintln!("race outcomes: {} committed, {} rolled back", both.0, both.1);
 }
 
 /// An API commit racing a check answered "rolled_back": one of them wins, the other is told so.
@@ -429,6 +429,8 @@ async fn api_commit_racing_checkback_rollback_has_exactly_one_outcome() {
             Err(e) => panic!("unexpected {e}"),
         }
     }
+    let published = count(&outbox_db, "SELECT count(*) FROM outbox.messages").await;
+    eprintln!("race outcomes: {published} committed by the producer, the rest rolled back");
 }
 
 #[tokio::test]
