@@ -369,7 +369,11 @@ async fn business_commit_racing_checkback_has_exactly_one_outcome() {
     assert_eq!(
         count(&outbox_db, "SELECT count(*) FROM outbox.messages").await,
         both.0
-    );    eprintln!("race outcomes: {} committed, {} rolled back", both.0, both.1);
+    );
+    eprintln!(
+        "race outcomes: {} committed, {} rolled back",
+        both.0, both.1
+    );
 }
 
 /// An API commit racing a check answered "rolled_back": one of them wins, the other is told so.
