@@ -1,0 +1,130 @@
+//! Faults between the consumer and its servers, made with a loopback TCP proxy that cuts every
+//! connection (what a broker or database restart looks like from the consumer), so the shared
+//! servers keep running for other tests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::{Proxy, through_proxy};
+use common::*;
+use sqlx::postgres::PgPoolOptions;
+
+const MESSAGES: i64 = 1500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_broker_connection_cut_mid_stream_applies_all_once() {
+    let (db, publisher, queue, exchange) = setup().await;
+    let amqp = integration_tests::amqp_url();
+    let (_, target) = through_proxy(&amqp, 5672, 0);
+    let proxy = Proxy::start(target).await;
+    let (proxied_url, _) = through_proxy(&amqp, 5672, proxy.port);
+
+    for id in 1..=MESSAGES {
+        publisher
+            .publish(&exchange, id, &payload("k", id, ""), false)
+            .await;
+    }
+    let consumer = builder(&db.pool, &queue, &exchange)
+        .amqp_url(proxied_url)
+        .prefetch(100)
+        .handler(Recorder { jitter_ms: 2 })
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+
+    // Cut the connection three times while messages are being applied, once keeping the
+    // "broker" away for a second so reconnects fail and back off.
+    for (round, threshold) in [(1, MESSAGES / 5), (2, MESSAGES / 2), (3, MESSAGES * 3 / 4)] {
+        wait_until(
+            "progress before the cut",
+            Duration::from_secs(60),
+            || async { total_effects(&db.pool).await >= threshold },
+        )
+        .await;
+        proxy.cut();
+        if round == 2 {
+            proxy.set_up(false);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            proxy.set_up(true);
+        }
+    }
+    wait_until("every message applied", Duration::from_secs(60), || async {
+        distinct_effects(&db.pool).await == MESSAGES
+    })
+    .await;
+    stop(token, task).await;
+    assert_eq!(
+        total_effects(&db.pool).await,
+        MESSAGES,
+        "no message applied twice"
+    );
+    assert_eq!(publisher.ready(&queue).await, 0, "every message acked");
+    publisher.cleanup(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_outage_retries_messages_without_crashing() {
+    let (db, publisher, queue, exchange) = setup().await;
+    let (_, target) = through_proxy(&db.url, 5432, 0);
+    let proxy = Proxy::start(target).await;
+    let (proxied_url, _) = through_proxy(&db.url, 5432, proxy.port);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&proxied_url)
+        .await
+        .unwrap();
+    let consumer = builder(&pool, &queue, &exchange)
+        .handler(Recorder { jitter_ms: 0 })
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+    publisher
+        .publish(&exchange, 1, &payload("a", 1, ""), false)
+        .await;
+    wait_until("the first message", Duration::from_secs(20), || async {
+        effect_count(&db.pool, 1).await == 1
+    })
+    .await;
+
+    // The database goes away: open connections die, new ones are refused.
+    proxy.set_up(false);
+    proxy.cut();
+    for id in 2..=20 {
+        publisher
+            .publish(&exchange, id, &payload("a", id, ""), false)
+            .await;
+    }
+    // Let the consumer fail on them for a while (they go around the delay cascade).
+    wait_until(
+        "the messages to be tried during the outage",
+        Duration::from_secs(20),
+        || async { publisher.ready(&queue).await == 0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !task.is_finished(),
+        "the consumer keeps running through the outage"
+    );
+    assert_eq!(total_effects(&db.pool).await, 1);
+    proxy.set_up(true);
+
+    wait_until(
+        "every message applied after the outage",
+        Duration::from_secs(30),
+        || async { distinct_effects(&db.pool).await == 20 },
+    )
+    .await;
+    stop(token, task).await;
+    assert_eq!(total_effects(&db.pool).await, 20, "applied once each");
+    assert!(
+        consumer_lib::dead_letter::list(&db.pool, Some(&queue), true, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a database outage does not dead-letter messages"
+    );
+    publisher.cleanup(&queue).await;
+}
