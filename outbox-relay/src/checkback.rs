@@ -102,7 +102,7 @@ impl Default for CheckbackConfig {
             request_timeout_ms: Duration::from_secs(5),
             poll_interval_ms: Duration::from_secs(1),
             batch_size: 100,
-            outcome_retention_ms: Duration::from_secs(7 * 24 * 3600),
+            outcome_retention_ms: Duration::from_secs(24 * 3600),
         }
     }
 }
