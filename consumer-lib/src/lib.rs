@@ -48,7 +48,3 @@ pub use retry::RetryPolicy;
 /// Re-exported so services name the same versions the library uses.
 pub use lapin;
 pub use sqlx;
-
-/// The migrations that create the inbox and compensation-log tables (with the rest of the
-/// product's schema): `outbox-relay migrate` applies them.
-pub const MIGRATION: &str = "migrations/0002_inbox.sql";

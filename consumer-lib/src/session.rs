@@ -45,10 +45,13 @@ pub(crate) async fn run(
         ConnectionProperties::default()
             .with_connection_name(format!("consumer-lib {}", config.name).into()),
     );
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(connection)) => connection,
-        Ok(Err(err)) => return Ok(lost(format!("connect: {err}"), false)),
-        Err(_) => return Ok(lost("connect: timed out".to_owned(), false)),
+    let connection = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+        connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match connected {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(err)) => return Ok(lost(format!("connect: {err}"), false)),
+            Err(_) => return Ok(lost("connect: timed out".to_owned(), false)),
+        },
     };
     let result = consume(shared, &connection, shutdown, first).await;
     // Closing returns every unacked delivery to the queue at once, instead of after the
@@ -127,7 +130,10 @@ async fn consume(
             biased;
             _ = shutdown.cancelled() => break End::Shutdown,
             _ = watchdog.tick() => {
-                if !connection.status().connected() || !consume.status().connected() {
+                if !connection.status().connected()
+                    || !consume.status().connected()
+                    || !session.publish.status().connected()
+                {
                     break lost("connection or channel closed".to_owned(), true);
                 }
             }
