@@ -25,10 +25,10 @@ struct Cli {
 enum Command {
     /// Serve (the default).
     Run,
-    /// Apply the migrations to `database_url` (or `--database-url`) and exit.
+    /// Apply the migrations to the config's `database_url` (or `--database-url`) and exit.
     Migrate {
-        /// Overrides the config's database_url (also `DATABASE_URL`).
-        #[arg(long, env = "DATABASE_URL")]
+        /// Use this database instead of the config's `database_url`.
+        #[arg(long)]
         database_url: Option<String>,
     },
 }

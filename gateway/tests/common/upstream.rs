@@ -54,14 +54,23 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        Self::serve(listener)
+    }
+
+    /// On a fixed address, when it is free.
+    pub async fn start_on(addr: &str) -> Option<Self> {
+        Some(Self::serve(TcpListener::bind(addr).await.ok()?))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
         let inner = Arc::new(Inner {
             holding: AtomicBool::new(true),
             ..Inner::default()
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await.ok() });
         Self { addr, inner }
