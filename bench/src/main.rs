@@ -1,1 +1,49 @@
-fn main() {}
+//! `cargo run --release -p bench -- all|relay|latency|delayed`: prints one line per figure
+//! (`name value unit baseline ratio`) and writes `target/bench/results.json`.
+
+use bench::{Report, Scale};
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks against the local PostgreSQL and RabbitMQ")]
+struct Cli {
+    /// Which scenario.
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// A seconds-long run of the same code paths, for the test suite.
+    #[arg(long)]
+    smoke: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    Relay,
+    Latency,
+    Delayed,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let scale = if cli.smoke { Scale::Smoke } else { Scale::Full };
+    let mut report = Report {
+        started_at: chrono::Utc::now().to_rfc3339(),
+        ..Report::default()
+    };
+    let all = cli.scenario == Scenario::All;
+    if all || cli.scenario == Scenario::Relay {
+        bench::relay::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Latency {
+        bench::steady::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Delayed {
+        bench::delayed::run(scale, &mut report).await?;
+    }
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
+    report.write(&path)?;
+    println!("results written to target/bench/results.json");
+    Ok(())
+}

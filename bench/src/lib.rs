@@ -1,0 +1,113 @@
+//! The benchmark harness. Every figure is a ratio against a baseline measured in the same run,
+//! because these machines are shared and noisy: absolute numbers drift, ratios much less.
+//!
+//! - [`report`]: a [`Figure`] per measurement, printed as `name value unit baseline ratio` and
+//!   collected into `target/bench/results.json`.
+//! - [`relay`]: drain of a due backlog vs a raw pipelined publisher and a naive relay.
+//! - [`steady`]: producers' commit rate with and without the relay; commit-to-consumer latency
+//!   at a fixed rate, with and without NOTIFY.
+//! - [`delayed`]: drain of due messages with a million delayed ones pending vs none.
+//! - [`broker`]: the raw publisher and queue helpers the scenarios share.
+//!
+//! [`Scale`] sets sizes: `full` for the README's figures, `smoke` for the test suite (so the
+//! harness cannot rot without a failing test).
+
+pub mod broker;
+pub mod delayed;
+pub mod relay;
+pub mod report;
+pub mod steady;
+
+pub use report::{Figure, Report};
+
+/// How big the runs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// The real measurement.
+    Full,
+    /// Seconds in total: proves every scenario still runs end to end.
+    Smoke,
+}
+
+impl Scale {
+    /// `full` or `smoke` size.
+    pub fn pick<T>(self, full: T, smoke: T) -> T {
+        match self {
+            Scale::Full => full,
+            Scale::Smoke => smoke,
+        }
+    }
+}
+
+/// A relay running in this process until [`RunningRelay::stop`].
+pub struct RunningRelay {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningRelay {
+    /// Starts the relay library on `pool` with `config`.
+    pub fn start(pool: sqlx::PgPool, config: outbox_relay::Config) -> Self {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(outbox_relay::relay::run(
+            pool,
+            config,
+            std::sync::Arc::new(outbox_relay::relay::Health::default()),
+            shutdown.clone(),
+        ));
+        RunningRelay { shutdown, task }
+    }
+
+    /// Stops it after its batches in flight.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// The relay configuration the benchmarks use: defaults, pointed at `db`.
+pub fn relay_config(db: &integration_tests::TestDb, listen: bool) -> outbox_relay::Config {
+    outbox_relay::Config {
+        database_url: db.url.clone(),
+        amqp_url: integration_tests::amqp_url(),
+        listen,
+        ..outbox_relay::Config::default()
+    }
+}
+
+/// Whether any due message is left. Cheap however large the backlog (one index probe), so
+/// polling it does not slow the relay being measured.
+pub async fn due_left(pool: &sqlx::PgPool) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM outbox.messages WHERE available_at <= now())",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Waits until no due message is left; returns the time since `started`.
+pub async fn wait_drained(
+    pool: &sqlx::PgPool,
+    started: std::time::Instant,
+) -> anyhow::Result<std::time::Duration> {
+    let deadline = started + std::time::Duration::from_secs(600);
+    loop {
+        if !due_left(pool).await? {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "outbox not drained in 10 minutes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Quantile `q` (0..=1) of sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
