@@ -580,7 +580,21 @@ async fn settle(
         Answer::Decided(decision) => {
             metrics::counter!("outbox_prepared_checks_total", "result" => decision.as_str())
                 .increment(1);
-            match prepared::decide(pool, id, decision, DecidedBy::Checkback).await? {
+            let decided = match prepared::decide(pool, id, decision, DecidedBy::Checkback).await {
+                Ok(decided) => decided,
+                Err(PreparedError::Database(e)) => return Err(PreparedError::Database(e)),
+                // The decision itself was refused (the message no longer passes the outbox's
+                // validation): a failed check, so the message is parked in the end instead
+                // of being checked forever.
+                Err(refused) => {
+                    let reason = format!(
+                        "applying the answer `{}` failed: {refused}",
+                        decision.as_str()
+                    );
+                    return record_failure(pool, config, row, reason).await;
+                }
+            };
+            match decided {
                 Some(d) if d == decision => {
                     metrics::counter!("outbox_prepared_decisions_total",
                         "decision" => decision.as_str(), "by" => "checkback")
@@ -616,6 +630,16 @@ async fn settle(
             reason
         }
     };
+    record_failure(pool, config, row, reason).await
+}
+
+/// Schedules the next check of a message whose check gave no decision, or parks it.
+async fn record_failure(
+    pool: &PgPool,
+    config: &CheckbackConfig,
+    row: &Claimed,
+    reason: String,
+) -> Result<(), PreparedError> {
     let park = row.attempt >= config.max_checks as i32;
     let wait = config.backoff(row.attempt.max(1) as u32);
     let updated = sqlx::query(
