@@ -116,6 +116,9 @@ impl Proxy {
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
+        // The body is already read in full; a 100-continue handshake with the upstream would
+        // only add a round trip.
+        headers.remove(header::EXPECT);
         if !self.forward_authorization {
             headers.remove(header::AUTHORIZATION);
         }
