@@ -470,3 +470,86 @@ async fn http_endpoints_report_health_and_metrics() {
     relay.wait().unwrap();
     queue.delete().await;
 }
+
+fn relay_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run outbox-relay")
+}
+
+#[tokio::test]
+async fn cli_reports_status_and_redrives_dead_letters() {
+    let db = fresh_db().await;
+    // Two due messages, one delayed, two dead letters.
+    let mut ids = Vec::new();
+    for body in ["a", "b", "c", "d"] {
+        ids.push(enqueue_sql(&db, "nowhere", body).await);
+    }
+    sqlx::query("SELECT outbox.enqueue('', 'later', 'x', deliver_at => now() + interval '1 hour')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    outbox_relay::claim::dead_letter(&mut conn, &ids[2..], &["NO_ROUTE", "NO_ROUTE"])
+        .await
+        .unwrap();
+    drop(conn);
+
+    let out = relay_cli(&db, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["due"], 2);
+    assert_eq!(status["scheduled"], 1);
+    assert_eq!(status["dead_letters"], 2);
+    assert!(status["oldest_due_age_seconds"].as_f64().unwrap() >= 0.0);
+
+    let out = relay_cli(&db, &["dead", "list"]);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert!(listing.contains("NO_ROUTE"));
+
+    let out = relay_cli(&db, &["dead", "redrive", &ids[2].to_string()]);
+    assert!(out.status.success());
+    let out = relay_cli(&db, &["dead", "redrive", "--all"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("redriven 1"));
+    assert_eq!(pending(&db).await, 5);
+    let out = relay_cli(&db, &["dead", "redrive", "12345"]);
+    assert!(!out.status.success(), "an unknown id is an error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter with id 12345"));
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_naming_the_key() {
+    let db = fresh_db().await;
+    let dir = std::env::temp_dir().join(unique_name("relaycfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, key) in [
+        ("batch_sise = 10\n", "batch_sise"),
+        ("workers = \"four\"\n", "workers"),
+        ("batch_size = 0\n", "batch_size"),
+    ] {
+        let file = dir.join("relay.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = relay_cli(&db, &["--config", file.to_str().unwrap(), "run"]);
+        assert!(!out.status.success(), "{text} must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{text}: {stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run"])
+        .env("DATABASE_URL", &db.url)
+        .env("RELAY_HTTP_ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RELAY_HTTP_ADDR"));
+    std::fs::remove_dir_all(dir).ok();
+}
