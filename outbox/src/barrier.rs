@@ -44,8 +44,9 @@ use sqlx::{PgConnection, PgExecutor, PgPool};
 use crate::MessageId;
 use crate::prepared::{Decision, PreparedError};
 
-/// The barrier table, for a producer database that does not get the outbox migrations. The
-/// outbox migration set creates the same table; both are safe to run more than once.
+/// The barrier table, for a producer database that does not get the outbox migrations. Use one
+/// or the other: the outbox migration set creates the same table and refuses to run where this
+/// already created it. This one is safe to run more than once.
 pub const INSTALL_SQL: &str = "\
 CREATE SCHEMA IF NOT EXISTS outbox;
 CREATE TABLE IF NOT EXISTS outbox.prepared_barrier (
