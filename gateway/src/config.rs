@@ -71,6 +71,12 @@ pub struct Config {
     /// Backend for idempotency records and locks.
     #[serde(default)]
     pub store: StoreKind,
+    /// Roots trusted for `https://` upstreams.
+    #[serde(default)]
+    pub tls_roots: crate::tls::TlsRoots,
+    /// Extra CA certificates (PEM) trusted for `https://` upstreams.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Largest request body accepted, unless a route says otherwise.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
@@ -101,7 +107,7 @@ pub struct CallerConfig {
 pub struct RouteConfig {
     /// Path prefix, matched on whole segments (`/pay` matches `/pay` and `/pay/x`, not `/payment`).
     pub prefix: String,
-    /// `http://host:port[/base]`: the prefix is replaced by the base path.
+    /// `http(s)://host[:port][/base]`: the prefix is replaced by the base path.
     pub upstream: String,
     /// Whole-request budget, including lock waits and retries (504 when exceeded).
     #[serde(default = "default_timeout")]
@@ -571,22 +577,21 @@ impl RouteConfig {
 /// An upstream split into what the proxy needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
     /// `host:port`.
     pub authority: http::uri::Authority,
     /// Base path without a trailing slash (may be empty).
     pub base_path: String,
 }
 
-/// Parses `http://host:port[/base]`.
+/// Parses `http(s)://host[:port][/base]`.
 pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
     let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("https upstreams are not supported by this build; put a TLS-originating proxy on loopback and point the route at it".into());
-        }
-        _ => return Err("must start with http://".into()),
-    }
+    let scheme = match uri.scheme_str() {
+        Some("http") | Some("https") => uri.scheme().cloned().expect("checked"),
+        _ => return Err("must start with http:// or https://".into()),
+    };
     let authority = uri
         .authority()
         .cloned()
@@ -598,6 +603,7 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
         return Err("must not contain a query".into());
     }
     Ok(Upstream {
+        scheme,
         authority,
         base_path: uri.path().trim_end_matches('/').to_owned(),
     })

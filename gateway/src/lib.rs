@@ -6,7 +6,8 @@
 //! [`trace`] → [`limit`] (rate and concurrency) and [`breaker`] → [`timeout`] →
 //! [`idempotency`] → [`lock`] → [`retry`] → [`proxy`]. Every layer answers with a response
 //! (never an error): refusals are [`problem`] documents. [`caller`] maps bearer tokens to caller
-//! ids, [`headers`] holds hop-by-hop and request-id handling, [`metrics`] the Prometheus
+//! ids, [`headers`] holds hop-by-hop and request-id handling, [`tls`] the trust for `https://`
+//! upstreams, [`metrics`] the Prometheus
 //! recorder. Idempotency records and locks live in PostgreSQL (schema `gateway`, migration
 //! `0003_gateway.sql` in `outbox::MIGRATOR`) or Redis, so gateways are stateless and any number
 //! can run side by side.
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod retry;
 pub mod server;
 pub mod timeout;
+pub mod tls;
 pub mod trace;
 
 pub use config::{Config, ConfigError};

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -33,13 +34,20 @@ use crate::{
 pub struct ForwardPath(pub String);
 
 /// One pooled HTTP/1.1 client shared by every route: connections to an upstream are reused.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the shared client.
-pub fn client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+/// Builds the shared client: plain HTTP, or TLS with `tls` for `https://` upstreams.
+pub fn client(tls: rustls::ClientConfig) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    // The TLS wrapper decides by scheme; the inner connector must accept https URIs.
+    http.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
@@ -101,7 +109,7 @@ impl Proxy {
             .unwrap_or_else(|| "/".into());
         let target = format!("{}{}", self.upstream.base_path, rest);
         let uri = match Uri::builder()
-            .scheme("http")
+            .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
             .path_and_query(target)
             .build()
@@ -148,7 +156,7 @@ impl Proxy {
                 http::Response::from_parts(parts, Body::new(body))
             }
             Err(err) => {
-                tracing::warn!(upstream = %self.upstream.authority, cause = %err, "upstream request failed");
+                tracing::warn!(upstream = %self.upstream.authority, cause = %error_chain(&err), "upstream request failed");
                 let detail = if err.is_connect() {
                     format!("cannot connect to upstream {}", self.upstream.authority)
                 } else {
@@ -168,4 +176,16 @@ impl Proxy {
             }
         }
     }
+}
+
+/// "client error (Connect)" alone hides the cause (refused, DNS, certificate): print the chain.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }

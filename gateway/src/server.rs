@@ -52,6 +52,9 @@ pub enum StartError {
     /// Redis could not be reached.
     #[error("cannot connect to redis_url: {0}")]
     Redis(#[source] redis::RedisError),
+    /// The TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::config::ConfigError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -138,7 +141,8 @@ impl Gateway {
             ),
             (None, None) => unreachable!("validated config names a store"),
         };
-        let client = crate::proxy::client();
+        let tls = crate::tls::client_config(config.tls_roots, config.tls_ca_file.as_deref())?;
+        let client = crate::proxy::client(tls);
         let mut breakers: HashMap<String, Arc<Breaker>> = HashMap::new();
         let mut routes = Vec::new();
         for route in &config.routes {

@@ -1,6 +1,6 @@
 //! Helpers shared by the gateway's integration tests: a real upstream on 127.0.0.1:0 that counts
 //! what reaches it, an in-process gateway on its own database, and deadline-based waiting.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod upstream;
 
