@@ -354,6 +354,18 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
         Ok(c) => c,
         Err(p) => return refuse("", "", p),
     };
+    if req.method() == http::Method::CONNECT {
+        return refuse(
+            "",
+            &caller.0,
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect-refused",
+                "CONNECT is not supported",
+            )
+            .detail("the gateway is a reverse proxy for its configured routes, not a tunnel"),
+        );
+    }
     // Only the path is used: an absolute-form target's scheme and authority, and the Host
     // header, never influence where the request goes.
     let path = req.uri().path().to_owned();

@@ -181,7 +181,7 @@ async fn killed_gateway_leaves_key_outcome_unknown_until_its_lease_expires() {
     let upstream = Upstream::start().await;
     let port = free_port();
     let route = format!(
-        "[[routes]]\nprefix = \"/pay\"\nupstream = \"{}\"\ntimeout_ms = 1000\nidempotency = {{ required = true, lease_ms = 2500 }}\n",
+        "[[routes]]\nprefix = \"/pay\"\nupstream = \"{}\"\ntimeout_ms = 1000\nidempotency = {{ required = true, lease_ms = 4000 }}\n",
         upstream.url()
     );
     let toml = format!(

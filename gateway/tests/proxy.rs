@@ -109,6 +109,15 @@ async fn absolute_form_target_and_host_header_cannot_reach_another_host() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = raw(
+        gw.addr,
+        &format!(
+            "CONNECT {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            decoy.addr, decoy.addr
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     assert_eq!(decoy.hits(), 0, "the decoy host was never contacted");
     assert_eq!(upstream.hits(), 1);
     assert_eq!(upstream.seen()[0].uri, "/v1/x");

@@ -104,7 +104,7 @@ async fn half_open_breaker_lets_only_one_probe_through() {
     upstream.set_failing(false);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let probe = tokio::spawn({
-        let url = gw.url("/api/x?delay_ms=400");
+        let url = gw.url("/api/x?delay_ms=1000");
         async move { client().get(url).send().await.unwrap().status() }
     });
     eventually(5, "probe at upstream", || async {
@@ -254,7 +254,7 @@ async fn concurrency_limit_sheds_excess_with_503() {
     let (_db, gw) = gateway(&upstream, "max_concurrency = 2").await;
     let mut slow = Vec::new();
     for _ in 0..2 {
-        let url = gw.url("/api/x?delay_ms=500");
+        let url = gw.url("/api/x?delay_ms=1000");
         slow.push(tokio::spawn(async move {
             client().get(url).send().await.unwrap().status()
         }));
