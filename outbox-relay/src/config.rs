@@ -46,6 +46,8 @@ pub struct Config {
     pub listen: bool,
     /// Database connections in the relay's pool.
     pub db_pool_size: u32,
+    /// Check-back of prepared messages (the `[checkback]` section).
+    pub checkback: crate::checkback::CheckbackConfig,
 }
 
 impl Default for Config {
@@ -65,6 +67,7 @@ impl Default for Config {
             poll_max_ms: Duration::from_millis(50),
             listen: true,
             db_pool_size: 10,
+            checkback: crate::checkback::CheckbackConfig::default(),
         }
     }
 }
@@ -192,6 +195,9 @@ impl Config {
         }
         if self.db_pool_size < (self.workers as u32 + 2) {
             return invalid("db_pool_size", "must be at least workers + 2");
+        }
+        if let Err(e) = self.checkback.validate() {
+            return invalid("checkback", e.to_string());
         }
         Ok(())
     }

@@ -118,11 +118,18 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect(&config, 2).await?;
             let backlog = relay::backlog(&pool, true).await?;
             let database_id = admin::database_id(&pool).await?;
-            let unresolved: i64 = 0; // WIRE: checkback unresolved count
+            let prepared = outbox_relay::checkback::counts(&pool).await?;
+            let parked = outbox_relay::checkback::unresolved(&pool, 20).await?;
             if json {
                 let mut v = serde_json::to_value(backlog)?;
                 v["database_id"] = database_id.into();
-                v["prepared_unresolved"] = unresolved.into();
+                v["prepared_pending"] = prepared.pending.into();
+                v["prepared_unresolved"] = prepared.unresolved.into();
+                v["prepared_unresolved_ids"] = parked
+                    .iter()
+                    .map(|m| m.id.to_string())
+                    .collect::<Vec<_>>()
+                    .into();
                 println!("{v}");
             } else {
                 println!("database id          {database_id}");
@@ -133,7 +140,17 @@ async fn main() -> anyhow::Result<()> {
                     backlog.oldest_due_age_seconds
                 );
                 println!("dead letters         {}", backlog.dead_letters);
-                println!("prepared unresolved  {unresolved}");
+                println!("prepared pending     {}", prepared.pending);
+                println!("prepared unresolved  {}", prepared.unresolved);
+                for m in parked {
+                    println!(
+                        "  unresolved {} checks={} check_url={} last_error={}",
+                        m.id,
+                        m.check_attempts,
+                        m.check_url.as_deref().unwrap_or("-"),
+                        m.last_check_error.as_deref().unwrap_or("-")
+                    );
+                }
             }
             Ok(())
         }
@@ -168,8 +185,13 @@ async fn main() -> anyhow::Result<()> {
             command: PreparedCommand::Resolve { id, decision },
         } => {
             let pool = connect(&config, 2).await?;
-            let _ = (pool, id);
-            bail!("WIRE: prepared resolve {decision}")
+            let d: outbox_relay::checkback::Decision =
+                decision.parse().map_err(anyhow::Error::msg)?;
+            outbox_relay::checkback::resolve(&pool, outbox::MessageId(id), d)
+                .await
+                .with_context(|| format!("resolving prepared message {id}"))?;
+            println!("prepared message {id}: {decision}");
+            Ok(())
         }
     }
 }
@@ -224,10 +246,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding RELAY_HTTP_ADDR {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, "http listening");
-    let api = axum::Router::new(); // WIRE: prepared_api::router
+    let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone());
     let router = http::router(pool.clone(), health.clone(), Some(metrics), api);
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
-    let checkback = tokio::spawn(async { anyhow::Ok(()) }); // WIRE: checkback::run
+    // Check-back gets its own small pool: slow producers' check endpoints must not hold the
+    // connections the publishing workers need.
+    let check_pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(&config.database_url)
+        .context("database_url")?;
+    let checkback = tokio::spawn(outbox_relay::checkback::run(
+        check_pool,
+        config.checkback.clone(),
+        shutdown.clone(),
+    ));
 
     let signals = shutdown.clone();
     tokio::spawn(async move {
