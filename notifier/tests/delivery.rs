@@ -167,7 +167,7 @@ async fn a_2xx_without_the_required_body_is_not_an_acknowledgement() {
     let mut spec = endpoint(&db.pool, "strict", &rx.url(), SECRET, Some("10ms")).await;
     spec.required_body = Some("success".to_owned());
     spec.upsert(
-        &mut *db.pool.acquire().await.unwrap(),
+        &mut db.pool.acquire().await.unwrap(),
         Duration::from_secs(60),
     )
     .await

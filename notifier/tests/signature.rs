@@ -101,7 +101,7 @@ async fn during_a_rotation_both_secrets_verify_and_afterwards_only_the_new_one()
     .await;
     spec.secret = "new-secret-0123456789".to_owned();
     spec.upsert(
-        &mut *db.pool.acquire().await.unwrap(),
+        &mut db.pool.acquire().await.unwrap(),
         Duration::from_secs(3600),
     )
     .await
@@ -116,7 +116,7 @@ async fn during_a_rotation_both_secrets_verify_and_afterwards_only_the_new_one()
 
     // Rotate again with no overlap: the replaced secret stops signing at once.
     spec.secret = "newest-secret-0123456789".to_owned();
-    spec.upsert(&mut *db.pool.acquire().await.unwrap(), Duration::ZERO)
+    spec.upsert(&mut db.pool.acquire().await.unwrap(), Duration::ZERO)
         .await
         .unwrap();
     let after = send_json(&db.pool, "partner", serde_json::json!({"n": 2})).await;
