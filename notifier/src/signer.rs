@@ -91,6 +91,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signature_matches_an_independent_hmac_tool() {
+        // printf '7.100.{}' | openssl dgst -sha256 -hmac new-secret-0123456 -binary | base64
+        assert_eq!(
+            mac_base64(b"new-secret-0123456", "7", 100, b"{}"),
+            "tueHc611UMTU/j74MVRqd1BrGX1aRwQELJ1dYaW5t6Y="
+        );
+    }
+
+    #[test]
     fn signature_verifies_under_each_rotated_secret_and_fails_when_tampered() {
         let header = signature_header(
             &["new-secret-0123456", "old-secret-0123456"],
