@@ -67,6 +67,8 @@ struct File {
     exhausted_exchange: Option<String>,
     exhausted_routing_key: Option<String>,
     previous_secret_valid_for: Option<String>,
+    tls_roots: Option<crate::deliver::TlsRoots>,
+    tls_ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     tokens: Vec<TokenFile>,
     #[serde(default)]
@@ -297,6 +299,8 @@ impl Config {
                 schedule,
                 exhausted_exchange,
                 exhausted_routing_key,
+                tls_roots: file.tls_roots.unwrap_or_default(),
+                tls_ca_file: file.tls_ca_file,
             },
             tokens,
             endpoints,

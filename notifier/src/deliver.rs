@@ -1,9 +1,21 @@
-//! One delivery attempt: a signed POST and the judgement of its answer.
+//! One delivery attempt: a signed POST and the judgement of its answer. The client speaks
+//! `http://` and `https://` (rustls with the ring provider, TLS 1.2 and 1.3), never follows
+//! redirects (a receiver's 3xx is a failure, not a hop to another host) and uses no proxy.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use chrono::Utc;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde::Deserialize;
 
+use crate::Error;
 use crate::schedule::parse_retry_after;
 use crate::signer;
 use crate::store::{Attempt, Job};
@@ -12,78 +24,152 @@ use crate::store::{Attempt, Job};
 /// never the whole of a misbehaving receiver's answer.
 const MAX_RESPONSE_BYTES: usize = 4096;
 
-/// The HTTP client for webhooks: no redirects (a receiver's 3xx is a failure, never a hop to
-/// another host) and no system proxy.
-pub fn client(user_agent: &str) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .user_agent(user_agent)
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
+/// The webhook HTTP client.
+pub type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Which root certificates an `https://` endpoint's certificate must chain to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRoots {
+    /// The operating system's store.
+    #[default]
+    System,
+    /// The Mozilla roots compiled into the binary (minimal images without a store).
+    Webpki,
 }
 
-/// POSTs `job` once, waiting at most `timeout`.
-pub async fn attempt(client: &reqwest::Client, job: &Job, timeout: Duration) -> Attempt {
+/// Builds the client: `roots`, plus the PEM certificates in `ca_file` (a partner's private CA).
+pub fn client(roots: TlsRoots, ca_file: Option<&Path>) -> Result<WebhookClient, Error> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        TlsRoots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(cause = %e, "some system root certificates could not be read");
+            }
+            store.add_parsable_certificates(found.certs);
+        }
+        TlsRoots::Webpki => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    if let Some(path) = ca_file {
+        let bad = |reason: String| Error::invalid("tls_ca_file", reason);
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                bad(format!(
+                    "{}: not a PEM certificate file: {e}",
+                    path.display()
+                ))
+            })?;
+        if certs.is_empty() {
+            return Err(bad(format!("{} holds no certificate", path.display())));
+        }
+        for cert in certs {
+            store
+                .add(cert)
+                .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        }
+    }
+    // The provider is named so the result does not depend on which rustls crypto features
+    // other crates in the build enable.
+    let tls = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::invalid("tls", e.to_string()))?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    // The HTTPS connector below decides the scheme; the inner connector must accept both.
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.set_nodelay(true);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector))
+}
+
+const USER_AGENT: &str = concat!("notifier/", env!("CARGO_PKG_VERSION"));
+
+/// POSTs `job` once, waiting at most `timeout` for the whole exchange.
+pub async fn attempt(client: &WebhookClient, job: &Job, timeout: Duration) -> Attempt {
     let started_at = Utc::now();
+    let clock = Instant::now();
+    let failed = |error: String, http_status: Option<u16>| Attempt {
+        started_at,
+        http_status,
+        latency: clock.elapsed(),
+        succeeded: false,
+        error: Some(error),
+        response_body: None,
+        retry_after: None,
+        responsive: false,
+    };
     let timestamp = started_at.timestamp();
     let id = job.id.to_string();
     let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
-    let signature = signer::signature_header(&secrets, &id, timestamp, &job.body);
-    let clock = Instant::now();
-    let sent = client
-        .post(&job.url)
-        .timeout(timeout)
+    let request = http::Request::post(job.url.as_str())
         .header(http::header::CONTENT_TYPE, &job.content_type)
+        .header(http::header::USER_AGENT, USER_AGENT)
         .header(signer::HEADER_ID, &id)
         .header(signer::HEADER_TIMESTAMP, timestamp.to_string())
-        .header(signer::HEADER_SIGNATURE, signature)
+        .header(
+            signer::HEADER_SIGNATURE,
+            signer::signature_header(&secrets, &id, timestamp, &job.body),
+        )
         .header(signer::HEADER_EVENT, &job.event_type)
         .header(signer::HEADER_ATTEMPT, (job.attempts + 1).to_string())
-        .body(job.body.clone())
-        .send()
-        .await;
-    let mut resp = match sent {
+        .body(Full::new(Bytes::from(job.body.clone())));
+    let request = match request {
         Ok(r) => r,
-        Err(e) => {
-            return Attempt {
-                started_at,
-                http_status: None,
-                latency: clock.elapsed(),
-                succeeded: false,
-                error: Some(describe(&e)),
-                response_body: None,
-                retry_after: None,
-                responsive: false,
-            };
-        }
+        Err(e) => return failed(format!("cannot build the request: {e}"), None),
     };
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
+    let exchange = async {
+        let resp = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                format!("connection failed: {}", root_cause(&e))
+            } else {
+                root_cause(&e)
+            }
+        })?;
+        let (parts, mut body) = resp.into_parts();
+        let mut bytes = Vec::new();
+        let mut body_error = None;
+        while bytes.len() < MAX_RESPONSE_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let room = MAX_RESPONSE_BYTES - bytes.len();
+                        bytes.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                Some(Err(e)) => {
+                    body_error = Some(root_cause(&e));
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok::<_, String>((parts, bytes, body_error))
+    };
+    let (parts, body, body_error) = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => return failed("timed out".to_owned(), None),
+        Ok(Err(e)) => return failed(e, None),
+        Ok(Ok(r)) => r,
+    };
+    let latency = clock.elapsed();
+    let status = parts.status;
+    let retry_after = parts
+        .headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let mut body = Vec::new();
-    let mut body_error = None;
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                let room = MAX_RESPONSE_BYTES - body.len();
-                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if body.len() >= MAX_RESPONSE_BYTES {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                body_error = Some(describe(&e));
-                break;
-            }
-        }
-    }
-    let latency = clock.elapsed();
     let text = String::from_utf8_lossy(&body).into_owned();
     let responsive = !(status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS);
     let error = if !status.is_success() {
@@ -107,16 +193,6 @@ pub async fn attempt(client: &reqwest::Client, job: &Job, timeout: Duration) -> 
         response_body: (!text.is_empty()).then_some(text),
         retry_after,
         responsive,
-    }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        format!("connection failed: {}", root_cause(e))
-    } else {
-        root_cause(e)
     }
 }
 

@@ -55,8 +55,10 @@ impl EndpointSpec {
                 "must be 1 to 100 characters of A-Z a-z 0-9 . _ : -",
             ));
         }
-        match reqwest::Url::parse(&self.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        match self.url.parse::<http::Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some_and(|h| !h.is_empty()) => {}
             _ => {
                 return Err(Error::invalid(
                     "url",

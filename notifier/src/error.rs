@@ -18,9 +18,6 @@ pub enum Error {
     /// A notification or endpoint that was referred to does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// The HTTP client could not be built.
-    #[error("http client: {0}")]
-    Client(#[from] reqwest::Error),
 }
 
 impl Error {

@@ -4,6 +4,7 @@
 //! moment loses nothing. A notification whose attempt was cut off mid-request comes back when
 //! its claim lease runs out (it may then reach the receiver twice, with the same `Webhook-Id`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::deliver;
+use crate::deliver::{self, TlsRoots};
 use crate::metrics as m;
 use crate::store::{self, Job, Next, RecordSettings};
 use crate::{Error, Schedule};
@@ -46,6 +47,10 @@ pub struct WorkerConfig {
     pub exhausted_exchange: String,
     /// Routing key of `notification.exhausted` events.
     pub exhausted_routing_key: String,
+    /// Roots `https://` endpoints are checked against.
+    pub tls_roots: TlsRoots,
+    /// Extra PEM CA certificates (a partner's private CA).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,8 @@ impl Default for WorkerConfig {
             schedule: Schedule::default(),
             exhausted_exchange: String::new(),
             exhausted_routing_key: "notification.exhausted".to_owned(),
+            tls_roots: TlsRoots::System,
+            tls_ca_file: None,
         }
     }
 }
@@ -70,14 +77,15 @@ impl Default for WorkerConfig {
 /// Delivers due notifications until cancelled.
 pub struct Worker {
     pool: PgPool,
-    client: reqwest::Client,
+    client: deliver::WebhookClient,
     cfg: Arc<WorkerConfig>,
 }
 
 impl Worker {
-    /// A worker on `pool` (migrations applied) with `cfg`.
+    /// A worker on `pool` (migrations applied) with `cfg`. Fails when `cfg.tls_ca_file` cannot
+    /// be read.
     pub fn new(pool: PgPool, cfg: WorkerConfig) -> Result<Self, Error> {
-        let client = deliver::client(concat!("notifier/", env!("CARGO_PKG_VERSION")))?;
+        let client = deliver::client(cfg.tls_roots, cfg.tls_ca_file.as_deref())?;
         Ok(Worker {
             pool,
             client,
@@ -147,7 +155,7 @@ pub fn next_wait(cfg: &WorkerConfig, job: &Job, retry_after: Option<Duration>) -
 }
 
 #[tracing::instrument(skip_all, fields(notification_id = job.id, endpoint = %job.endpoint_id, attempt = job.attempts + 1))]
-async fn handle(pool: &PgPool, client: &reqwest::Client, cfg: &WorkerConfig, job: Job) {
+async fn handle(pool: &PgPool, client: &deliver::WebhookClient, cfg: &WorkerConfig, job: Job) {
     // Leave the record time inside the lease, so a slow answer cannot outlive the claim.
     let timeout = job
         .timeout
