@@ -75,6 +75,10 @@ CREATE TABLE notify.notifications (
 -- does not slow it down.
 CREATE INDEX notifications_due_idx ON notify.notifications (endpoint_id, next_attempt_at)
     WHERE status = 'pending';
+-- Requests in flight per endpoint: only claimed rows are indexed (a claim sets `claimed_until`,
+-- recording the outcome clears it), so counting them stays cheap behind a large backlog.
+CREATE INDEX notifications_claimed_idx ON notify.notifications (endpoint_id, claimed_until)
+    WHERE claimed_until IS NOT NULL;
 -- Reconciliation lists: by endpoint and creation time.
 CREATE INDEX notifications_endpoint_created_idx ON notify.notifications (endpoint_id, created_at, id);
 -- A dedupe key names one notification per endpoint.
@@ -244,7 +248,8 @@ BEGIN
     LOOP
         EXIT WHEN taken >= batch;
         SELECT count(*) INTO busy FROM notify.notifications n
-        WHERE n.endpoint_id = e.id AND n.status = 'pending' AND n.claimed_until > now();
+        WHERE n.endpoint_id = e.id AND n.claimed_until IS NOT NULL AND n.claimed_until > now()
+          AND n.status = 'pending';
         CONTINUE WHEN busy >= e.max_in_flight;
         RETURN QUERY
             UPDATE notify.notifications n
