@@ -38,6 +38,14 @@ pub enum Error {
         /// The exchange or queue the message was published to.
         target: String,
     },
+    /// The broker did not answer in time.
+    #[error("no answer from the broker within {limit:?} during {context}")]
+    Timeout {
+        /// What the consumer was waiting for.
+        context: &'static str,
+        /// How long it waited.
+        limit: std::time::Duration,
+    },
     /// A dead letter asked for does not exist, or was already replayed.
     #[error("dead letter {id} not found or already replayed")]
     DeadLetterNotFound {

@@ -31,6 +31,10 @@ pub(crate) enum End {
 const WATCHDOG: Duration = Duration::from_millis(500);
 /// Connecting to a broker that accepts TCP but never answers must not hang forever.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Declaring and starting to consume takes milliseconds; a broker that does not answer is
+/// treated as lost.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) async fn run(
     shared: &Arc<Shared>,
@@ -55,8 +59,12 @@ pub(crate) async fn run(
     };
     let result = consume(shared, &connection, shutdown, first).await;
     // Closing returns every unacked delivery to the queue at once, instead of after the
-    // broker notices a dead socket.
-    let _ = connection.close(200, "consumer stopping".into()).await;
+    // broker notices a dead socket. Bounded: a broker gone silent never answers.
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        connection.close(200, "consumer stopping".into()),
+    )
+    .await;
     result
 }
 
@@ -105,6 +113,16 @@ async fn consume(
             .map_err(Error::broker("start consuming"))?;
         Ok::<_, Error>((publish, consume, consumer))
     };
+    let setup = async {
+        tokio::time::timeout(SETUP_TIMEOUT, setup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    context: "session setup",
+                    limit: SETUP_TIMEOUT,
+                })
+            })
+    };
     let (publish, consume, mut consumer) = match setup.await {
         Ok(parts) => parts,
         // A first session that reached the broker but cannot set up is a configuration
@@ -121,6 +139,7 @@ async fn consume(
     let session = Arc::new(Session {
         publish,
         stop: CancellationToken::new(),
+        lost: CancellationToken::new(),
     });
     let lanes = Arc::new(Lanes::default());
     let tracker = TaskTracker::new();
@@ -163,11 +182,16 @@ async fn consume(
 
     // No new work from here: deliveries not yet started stay unacked and are requeued when
     // the channel closes; running handlers finish and ack.
+    if matches!(end, End::Lost { .. }) {
+        session.lost.cancel();
+    }
     session.stop.cancel();
     if matches!(end, End::Shutdown) {
-        let _ = consume
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            consume.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+        )
+        .await;
     }
     drop(consumer);
     tracker.close();
@@ -182,9 +206,24 @@ async fn consume(
         }
         // Before a new session starts, the old one's handlers must be done: otherwise a
         // redelivered message of an ordering key could run beside its predecessor.
-        End::Lost { .. } => tracker.wait().await,
+        End::Lost { .. } => {
+            if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(consumer = %config.name, "handlers of the lost session still running; reconnecting anyway");
+            }
+        }
     }
-    let _ = consume.close(200, "consumer stopping".into()).await;
-    let _ = session.publish.close(200, "consumer stopping".into()).await;
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        consume.close(200, "consumer stopping".into()),
+    )
+    .await;
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        session.publish.close(200, "consumer stopping".into()),
+    )
+    .await;
     Ok(end)
 }

@@ -45,9 +45,14 @@ pub(crate) struct Session {
     /// Cancelled when the session ends (shutdown or lost connection): deliveries not yet
     /// started are left unacked, for the broker to requeue.
     pub stop: CancellationToken,
+    /// Cancelled when the connection is lost (not on shutdown): broker replies still awaited
+    /// will never come.
+    pub lost: CancellationToken,
 }
 
 const MAX_ERROR_HEADER_BYTES: usize = 1000;
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Decision {
     Retry,
@@ -126,13 +131,13 @@ async fn run(shared: &Shared, session: &Session, mut envelope: Envelope, acker: 
         let (kind, error) = match outcome {
             Outcome::Applied => {
                 shared.metrics.processed();
-                ack(&acker).await;
+                ack(session, &acker).await;
                 return;
             }
             Outcome::Duplicate => {
                 shared.metrics.duplicate();
                 tracing::debug!("duplicate delivery skipped");
-                ack(&acker).await;
+                ack(session, &acker).await;
                 return;
             }
             Outcome::Failed { kind, error } => (kind, error),
@@ -164,12 +169,19 @@ async fn run(shared: &Shared, session: &Session, mut envelope: Envelope, acker: 
     }
 }
 
-async fn ack(acker: &Acker) {
-    match acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        // The channel is gone: the broker requeues the message and the inbox skips it.
-        Ok(false) => tracing::debug!("ack not sent: channel closed"),
-        Err(err) => tracing::debug!(cause = %err, "ack failed: channel closed"),
+async fn ack(session: &Session, acker: &Acker) {
+    // An ack issued just as the connection dies is never answered by lapin, and the session
+    // waits for this task before it reconnects: stop waiting once the session is lost (the
+    // broker requeues the message and the inbox skips it), and in any case after a while.
+    let acked = tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default()));
+    tokio::select! {
+        result = acked => match result {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => tracing::debug!("ack not sent: channel closed"),
+            Ok(Err(err)) => tracing::debug!(cause = %err, "ack failed: channel closed"),
+            Err(_) => tracing::debug!("ack not answered"),
+        },
+        _ = session.lost.cancelled() => tracing::debug!("ack abandoned: connection lost"),
     }
 }
 
@@ -185,8 +197,14 @@ async fn requeue_later(session: &Session, acker: &Acker) {
         requeue: true,
         ..BasicNackOptions::default()
     };
-    if let Err(err) = acker.nack(options).await {
-        tracing::debug!(cause = %err, "nack failed: channel closed");
+    let nacked = tokio::time::timeout(ACK_TIMEOUT, acker.nack(options));
+    tokio::select! {
+        result = nacked => match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::debug!(cause = %err, "nack failed: channel closed"),
+            Err(_) => tracing::debug!("nack not answered"),
+        },
+        _ = session.lost.cancelled() => tracing::debug!("nack abandoned: connection lost"),
     }
 }
 
@@ -255,7 +273,7 @@ pub(crate) async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), Error> {
-    let confirm = channel
+    let publish = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
@@ -269,8 +287,15 @@ pub(crate) async fn publish_confirmed(
             properties,
         )
         .await
-        .map_err(Error::broker("publish"))?
+        .map_err(Error::broker("publish"))?;
+    // A confirm that never comes (a broker gone silent) must not pin the task: the session
+    // waits for its tasks before reconnecting.
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
         .await
+        .map_err(|_| Error::Timeout {
+            context: "publish confirm",
+            limit: CONFIRM_TIMEOUT,
+        })?
         .map_err(Error::broker("publish confirm"))?;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
@@ -305,17 +330,22 @@ async fn schedule_retry(
     extra.insert(LAST_ERROR_HEADER.into(), long_string(truncated(error)));
     let properties = copy_properties(envelope, extra);
     let routing_key = DelayCascade::routing_key(delay, &shared.config.queue);
-    let published = publish_confirmed(
-        &session.publish,
-        &shared.cascade.entry_exchange(),
-        &routing_key,
-        &envelope.data,
-        properties,
-    )
-    .await;
+    let entry = shared.cascade.entry_exchange();
+    let published = tokio::select! {
+        published = publish_confirmed(
+            &session.publish,
+            &entry,
+            &routing_key,
+            &envelope.data,
+            properties,
+        ) => published,
+        // The original stays unacked and comes back; a copy that did reach the cascade makes
+        // it a duplicate the inbox skips.
+        _ = session.lost.cancelled() => return,
+    };
     match published {
         // The copy is safely in the cascade; only now may the original go.
-        Ok(()) => ack(acker).await,
+        Ok(()) => ack(session, acker).await,
         Err(err) => {
             tracing::warn!(cause = %err, "could not schedule the retry; returning the message to the queue");
             requeue_later(session, acker).await;
@@ -395,5 +425,5 @@ async fn dead_letter(
             tracing::warn!(cause = %err, "could not copy the dead letter to its queue");
         }
     }
-    ack(acker).await;
+    ack(session, acker).await;
 }

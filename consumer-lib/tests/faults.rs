@@ -14,6 +14,9 @@ const MESSAGES: i64 = 1500;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_broker_connection_cut_mid_stream_applies_all_once() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("consumer_lib=debug")
+        .try_init();
     let (db, publisher, queue, exchange) = setup().await;
     let amqp = integration_tests::amqp_url();
     let (_, target) = through_proxy(&amqp, 5672, 0);
