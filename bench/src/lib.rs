@@ -65,13 +65,20 @@ impl RunningRelay {
     }
 }
 
-/// The relay configuration the benchmarks use: defaults, pointed at `db`.
+/// The relay configuration the benchmarks use: defaults, pointed at `db`. `BENCH_RELAY_WORKERS`
+/// and `BENCH_RELAY_BATCH` override workers and batch size, for tuning experiments.
 pub fn relay_config(db: &integration_tests::TestDb, listen: bool) -> outbox_relay::Config {
+    let defaults = outbox_relay::Config::default();
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let workers = env("BENCH_RELAY_WORKERS").unwrap_or(defaults.workers);
     outbox_relay::Config {
         database_url: db.url.clone(),
         amqp_url: integration_tests::amqp_url(),
         listen,
-        ..outbox_relay::Config::default()
+        workers,
+        batch_size: env("BENCH_RELAY_BATCH").map_or(defaults.batch_size, |b| b as i64),
+        db_pool_size: defaults.db_pool_size.max(workers as u32 + 2),
+        ..defaults
     }
 }
 
