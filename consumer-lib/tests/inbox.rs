@@ -289,3 +289,52 @@ async fn invalid_settings_are_refused_naming_the_field() {
     );
     assert!(base().build().is_ok());
 }
+
+/// Records message ids in memory: a handler with no database of its own.
+struct InMemory(std::sync::Arc<std::sync::Mutex<Vec<i64>>>);
+
+impl consumer_lib::PlainHandler for InMemory {
+    type Payload = Payload;
+
+    async fn handle(
+        &self,
+        message: &consumer_lib::Message<Payload>,
+    ) -> Result<(), consumer_lib::HandlerError> {
+        self.0.lock().unwrap().push(message.id);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handler_without_inbox_is_plain_at_least_once() {
+    let (db, publisher, queue, exchange) = setup().await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumer = builder(&db.pool, &queue, &exchange)
+        .handler_without_inbox(InMemory(seen.clone()))
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+    publisher
+        .publish(&exchange, 11, &payload("a", 1, ""), false)
+        .await;
+    publisher
+        .publish(&exchange, 11, &payload("a", 1, ""), false)
+        .await;
+    wait_until("both copies handled", WAIT, || async {
+        seen.lock().unwrap().len() == 2
+    })
+    .await;
+    stop(token, task).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![11, 11],
+        "no deduplication without the inbox"
+    );
+    assert!(
+        !consumer_lib::inbox::is_done(&db.pool, &queue, 11)
+            .await
+            .unwrap(),
+        "no inbox row"
+    );
+    publisher.cleanup(&queue).await;
+}

@@ -11,8 +11,27 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn spawn_child(mode: &str, db_url: &str, queue: &str, exchange: &str) -> Child {
-    Command::new(std::env::current_exe().expect("test binary path"))
+/// Kills the child if the test fails before it is done with it, so no consumer outlives
+/// the test run.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    fn take(&mut self) -> Child {
+        self.0.take().expect("child still owned")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_child(mode: &str, db_url: &str, queue: &str, exchange: &str) -> ChildGuard {
+    let child = Command::new(std::env::current_exe().expect("test binary path"))
         .args([
             "--exact",
             "child_consumer",
@@ -27,7 +46,8 @@ fn spawn_child(mode: &str, db_url: &str, queue: &str, exchange: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn child consumer")
+        .expect("spawn child consumer");
+    ChildGuard(Some(child))
 }
 
 /// Entry point of the child process. `hang_after_commit`: freezes right after the first
@@ -88,6 +108,7 @@ async fn consumer_killed_between_commit_and_ack_skips_the_redelivery() {
             .unwrap()
     );
     // SIGKILL: no chance to ack.
+    let mut child = child.take();
     child.kill().expect("SIGKILL the child");
     child.wait().expect("reap the child");
     wait_until(
@@ -133,11 +154,13 @@ async fn sigterm_finishes_the_running_handler_acks_and_exits_cleanly() {
         || async { publisher.ready(&queue).await == 0 },
     )
     .await;
+    let child = child.take();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("send SIGTERM");
     assert!(status.success());
+    let mut child = child;
     let exited = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
