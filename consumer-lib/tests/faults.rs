@@ -131,3 +131,109 @@ async fn database_outage_retries_messages_without_crashing() {
     );
     publisher.cleanup(&queue).await;
 }
+
+/// Fails the first attempt of every message, logging the failure outside the transaction.
+struct FailFirstAttempt {
+    pool: sqlx::PgPool,
+}
+
+impl consumer_lib::Handler for FailFirstAttempt {
+    type Payload = Payload;
+
+    async fn handle(
+        &self,
+        message: &consumer_lib::Message<Payload>,
+        tx: &mut sqlx::PgTransaction<'static>,
+    ) -> Result<(), consumer_lib::HandlerError> {
+        if message.attempt == 1 {
+            sqlx::query("INSERT INTO failures (message_id) VALUES ($1)")
+                .bind(message.id)
+                .execute(&self.pool)
+                .await?;
+            return Err(consumer_lib::HandlerError::retry("first attempt fails"));
+        }
+        sqlx::query("INSERT INTO effects (message_id, key, seq, attempt) VALUES ($1, $2, $3, $4)")
+            .bind(message.id)
+            .bind(&message.payload.key)
+            .bind(message.payload.seq)
+            .bind(message.attempt as i32)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn rabbitmqctl(command: &str) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .arg(command)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {command}");
+}
+
+/// Restarts the real broker: run with the other `fault_` tests, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_broker_restart_keeps_waiting_retries_and_the_consumer_resumes() {
+    let (db, publisher, queue, exchange) = setup().await;
+    sqlx::query("CREATE TABLE failures (message_id bigint NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let consumer = builder(&db.pool, &queue, &exchange)
+        .retry(
+            consumer_lib::RetryPolicy::exponential()
+                .max_attempts(3)
+                .min_delay(Duration::from_secs(3))
+                .max_delay(Duration::from_secs(3))
+                .jitter(false),
+        )
+        .handler(FailFirstAttempt {
+            pool: db.pool.clone(),
+        })
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+    publisher
+        .publish(&exchange, 1, &payload("a", 1, ""), false)
+        .await;
+    wait_until(
+        "the first attempt to fail",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM failures")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                == 1
+        },
+    )
+    .await;
+    drop(publisher);
+
+    // The retry now waits in the delay cascade; the broker goes down and comes back.
+    rabbitmqctl("stop_app");
+    rabbitmqctl("start_app");
+
+    wait_until(
+        "the retry to apply after the restart",
+        Duration::from_secs(60),
+        || async { effect_count(&db.pool, 1).await == 1 },
+    )
+    .await;
+    stop(token, task).await;
+    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM effects WHERE message_id = 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 2, "the delayed retry survived the restart");
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM failures")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        failures, 1,
+        "the retry came from the delay cascade, not a redelivery"
+    );
+    Publisher::connect().await.cleanup(&queue).await;
+}
