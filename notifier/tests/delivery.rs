@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use integration_tests::{eventually, fresh_db};
+use notifier::EndpointSpec;
 
 #[tokio::test]
 async fn failing_receiver_is_retried_until_it_acknowledges_then_left_alone() {
@@ -292,4 +293,58 @@ async fn an_unreachable_endpoint_records_the_connection_error() {
             .starts_with("connection failed"),
         "{log:?}"
     );
+}
+
+#[tokio::test]
+async fn two_notifiers_share_the_work_without_sending_anything_twice() {
+    let db = fresh_db().await;
+    let rx = Receiver::start(vec![], Answer::status(200).delay(Duration::from_millis(20))).await;
+    let mut spec = EndpointSpec::new("partner", rx.url(), SECRET);
+    spec.max_in_flight = 3;
+    spec.upsert(&mut db.pool.acquire().await.unwrap(), Duration::ZERO)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(send_json(&db.pool, "partner", serde_json::json!({ "i": i })).await);
+    }
+    let a = RunningWorker::start(&db.pool, worker_config(1.0));
+    let b = RunningWorker::start(&db.pool, worker_config(1.0));
+    eventually(Duration::from_secs(20), "all 60 delivered", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM notify.notifications WHERE status = 'delivered'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            == 60
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    for id in ids {
+        assert_eq!(rx.seen_for(id).len(), 1, "notification {id} sent once");
+    }
+    // The endpoint's limit holds over both notifiers together.
+    assert!(rx.max_in_flight() <= 3, "{}", rx.max_in_flight());
+}
+
+#[tokio::test]
+async fn a_delayed_notification_waits_in_the_database_until_due() {
+    let db = fresh_db().await;
+    let rx = Receiver::start(vec![], Answer::status(200)).await;
+    endpoint(&db.pool, "partner", &rx.url(), SECRET, None).await;
+    let worker = RunningWorker::start(&db.pool, worker_config(1.0));
+    let sent = std::time::Instant::now();
+    let mut tx = db.pool.begin().await.unwrap();
+    let n = notifier::NewNotification::json("partner", "order.reminder", &serde_json::json!({}))
+        .unwrap()
+        .with_delay(Duration::from_millis(800));
+    let id = notifier::send(&mut tx, &n).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_status(&db.pool, id, "delivered", Duration::from_secs(10)).await;
+    worker.stop().await;
+    let seen = rx.seen_for(id);
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].at - sent >= Duration::from_millis(790));
 }

@@ -71,7 +71,8 @@ async fn https_endpoint_is_delivered_when_its_ca_is_trusted_and_refused_otherwis
         "tls",
         &format!("https://localhost:{port}/hook"),
         SECRET,
-        Some("10ms"),
+        // Long enough that the first worker stops before a second refused attempt.
+        Some("500ms"),
     )
     .await;
 
