@@ -220,6 +220,7 @@ impl Gateway {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .method_not_allowed_fallback(method_not_allowed)
             .fallback(front)
             .with_state(self.shared.clone())
     }
@@ -275,6 +276,16 @@ async fn cleanup_loop(
             tracing::warn!(cause = %e, "lock cleanup failed");
         }
     }
+}
+
+async fn method_not_allowed() -> Response {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+    )
+    .detail("/healthz, /readyz and /metrics answer GET only")
+    .into_response()
 }
 
 async fn healthz() -> &'static str {
