@@ -12,8 +12,13 @@ use sqlx::postgres::PgPoolOptions;
 
 const MESSAGES: i64 = 1500;
 
+/// The tests of this file run one at a time even when the harness runs them in parallel: the
+/// broker restart would break the others' connections.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_broker_connection_cut_mid_stream_applies_all_once() {
+    let _serial = SERIAL.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter("consumer_lib=debug")
         .try_init();
@@ -68,6 +73,7 @@ async fn fault_broker_connection_cut_mid_stream_applies_all_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_outage_retries_messages_without_crashing() {
+    let _serial = SERIAL.lock().await;
     let (db, publisher, queue, exchange) = setup().await;
     let (_, target) = through_proxy(&db.url, 5432, 0);
     let proxy = Proxy::start(target).await;
@@ -175,6 +181,7 @@ fn rabbitmqctl(command: &str) {
 /// Restarts the real broker: run with the other `fault_` tests, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_broker_restart_keeps_waiting_retries_and_the_consumer_resumes() {
+    let _serial = SERIAL.lock().await;
     let (db, publisher, queue, exchange) = setup().await;
     sqlx::query("CREATE TABLE failures (message_id bigint NOT NULL)")
         .execute(&db.pool)
