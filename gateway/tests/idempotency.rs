@@ -408,3 +408,42 @@ async fn expired_records_are_cleaned_up() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_database_forward_a_key_once() {
+    let db = fresh_db().await;
+    let upstream = Upstream::start().await;
+    let toml = config(&db.url, &upstream.url(), BASE);
+    let gateways = [start_gateway(&toml).await, start_gateway(&toml).await];
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let url = gateways[i % 2].url("/pay/charge?delay_ms=200");
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .header("Idempotency-Key", "\"shared-by-two\"")
+                .body("a")
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("idempotent-replayed").is_some(),
+            )
+        }));
+    }
+    let mut firsts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (201, false) => firsts += 1,
+            (201, true) | (409, _) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(firsts, 1);
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "the record in PostgreSQL is shared by both gateways"
+    );
+}

@@ -210,3 +210,42 @@ async fn lock_key_from_json_body_and_missing_key_is_400() {
     );
     assert_eq!(upstream.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_database_serialise_one_order() {
+    let db = fresh_db().await;
+    let upstream = Upstream::start().await;
+    let toml = format!(
+        "{}{}",
+        header_lines(&db.url),
+        route(
+            &upstream.url(),
+            "key = \"header:X-Order-Id\", wait_ms = 9000"
+        )
+    );
+    let gateways = [start_gateway(&toml).await, start_gateway(&toml).await];
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let url = gateways[i % 2].url("/orders/pay?delay_ms=40");
+        tasks.push(tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("X-Order-Id", "A")
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    assert_eq!(upstream.hits(), 10);
+    assert_eq!(
+        upstream.max_in_flight_for("A"),
+        1,
+        "the lock in PostgreSQL spans gateways"
+    );
+}
