@@ -32,6 +32,25 @@ pub struct Message<T> {
 }
 
 impl<T> Message<T> {
+    /// A first-attempt message with no headers, for unit-testing a handler without a broker.
+    pub fn new(id: i64, payload: T, raw: Vec<u8>) -> Self {
+        Message {
+            id,
+            payload,
+            attempt: 1,
+            envelope: Envelope {
+                message_id: Some(id),
+                failed_attempts: 0,
+                ordering_key: None,
+                exchange: String::new(),
+                routing_key: String::new(),
+                headers: FieldTable::default(),
+                properties: BasicProperties::default(),
+                data: raw,
+            },
+        }
+    }
+
     /// The body exactly as delivered.
     pub fn raw(&self) -> &[u8] {
         &self.envelope.data
