@@ -22,6 +22,8 @@ pub struct NewNotification {
     pub dedupe_key: Option<String>,
     /// Not before this time.
     pub deliver_at: Option<DateTime<Utc>>,
+    /// Not before this long after the database's `now()` (ignored when `deliver_at` is set).
+    pub delay: Option<Duration>,
 }
 
 impl NewNotification {
@@ -39,6 +41,7 @@ impl NewNotification {
             content_type: "application/json".to_owned(),
             dedupe_key: None,
             deliver_at: None,
+            delay: None,
         })
     }
 
@@ -56,6 +59,7 @@ impl NewNotification {
             content_type: content_type.into(),
             dedupe_key: None,
             deliver_at: None,
+            delay: None,
         }
     }
 
@@ -71,10 +75,10 @@ impl NewNotification {
         self
     }
 
-    /// Delivers no earlier than `delay` after the transaction's start.
+    /// Delivers no earlier than `delay` after the transaction's start, on the database's clock
+    /// (the one the notifier's due times use).
     pub fn with_delay(mut self, delay: Duration) -> Self {
-        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
-        self.deliver_at = Some(Utc::now() + delay);
+        self.delay = Some(delay);
         self
     }
 }
@@ -85,15 +89,19 @@ impl NewNotification {
 /// A bad field is [`Error::Invalid`] naming it, and nothing is written.
 pub async fn send(conn: &mut PgConnection, n: &NewNotification) -> Result<i64, Error> {
     n.validate()?;
-    let res = sqlx::query_scalar("SELECT notify.insert_notification($1, $2, $3, $4, $5, $6)")
-        .bind(&n.endpoint)
-        .bind(&n.event_type)
-        .bind(&n.body)
-        .bind(&n.content_type)
-        .bind(&n.dedupe_key)
-        .bind(n.deliver_at)
-        .fetch_one(conn)
-        .await;
+    let res = sqlx::query_scalar(
+        "SELECT notify.insert_notification($1, $2, $3, $4, $5, \
+         coalesce($6, now() + $7 * interval '1 millisecond'))",
+    )
+    .bind(&n.endpoint)
+    .bind(&n.event_type)
+    .bind(&n.body)
+    .bind(&n.content_type)
+    .bind(&n.dedupe_key)
+    .bind(n.deliver_at)
+    .bind(n.delay.map(|d| d.as_secs_f64() * 1000.0))
+    .fetch_one(conn)
+    .await;
     match res {
         Ok(id) => Ok(id),
         // The only foreign key: the endpoint.
