@@ -29,8 +29,8 @@ pub(crate) enum Outcome {
 pub(crate) enum Failure {
     /// The handler asked for a retry, panicked or timed out: counts toward max attempts.
     Handler,
-    /// The library's own database work failed (begin, inbox insert, commit): a database
-    /// outage must not dead-letter messages, so these are retried without limit.
+    /// The library's own database work hit an outage (begin, inbox insert, commit): a
+    /// database outage must not dead-letter messages, so these are retried without limit.
     Infrastructure,
     /// The handler rejected the message.
     Rejected,
@@ -83,10 +83,40 @@ fn decode<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A failure of the library's own database work. Outages (lost connections, a restarting
+/// server, pool timeouts, deadlocks and serialization failures) are retried without limit; any
+/// other database error (e.g. a deferred constraint failing at commit) is the message's fault
+/// and counts toward its attempts.
 fn infrastructure(context: &str, err: sqlx::Error) -> Outcome {
+    let kind = if is_transient(&err) {
+        Failure::Infrastructure
+    } else {
+        Failure::Handler
+    };
     Outcome::Failed {
-        kind: Failure::Infrastructure,
+        kind,
         error: format!("{context}: {err}"),
+    }
+}
+
+/// Classified by SQLSTATE class, never by message text: 08 connection exception, 40
+/// transaction rollback, 53 insufficient resources, 57 operator intervention (server shutting
+/// down or restarting), 55P03 lock not available.
+pub(crate) fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08", "40", "53", "57"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "55P03"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
     }
 }
 
@@ -203,5 +233,19 @@ impl<H: PlainHandler> Process for WithoutInbox<H> {
             };
             (outcome, message.envelope)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_transient_other_errors_are_not() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
     }
 }
