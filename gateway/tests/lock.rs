@@ -126,6 +126,21 @@ async fn one_order_never_overlaps_at_upstream_on_redis() {
         assert_eq!(t.await.unwrap(), 201);
     }
     assert_eq!(upstream.max_in_flight_for("A"), 1);
+    let tokens: Vec<i64> = upstream
+        .seen()
+        .iter()
+        .map(|s| {
+            s.headers["fencing-token"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens increase: {tokens:?}"
+    );
 }
 
 #[tokio::test]

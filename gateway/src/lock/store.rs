@@ -1,9 +1,8 @@
 //! Lock backends. PostgreSQL keeps a queue of entries per lock name (`gateway.lock_entries`):
 //! an entry holds the lock when no older live entry exists for its name, which gives waiters
 //! first-come order; every grant takes the next value of one sequence as its fencing token, so
-//! tokens only grow, even across lease expiries and gateway restarts. Redis keeps a single
-//! `SET NX PX` key per name with an `INCR` counter for tokens (no queue: waiters poll in no
-//! particular order).
+//! tokens only grow, even across lease expiries and gateway restarts. Redis keeps the same line
+//! as a sorted set per name, with one `INCR` counter for tokens; each step is one Lua script.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,7 +17,7 @@ use crate::idempotency::StoreError;
 pub enum Ticket {
     /// A row id in `gateway.lock_entries`.
     Postgres(i64),
-    /// The holder value written to the Redis key.
+    /// The holder id in the Redis line.
     Redis(String),
 }
 
@@ -44,16 +43,51 @@ pub enum LockStore {
     },
 }
 
-const REDIS_ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+// The Redis line for a name is a sorted set of holders scored by arrival (KEYS[1]) and a hash of
+// their expiry times in ms (KEYS[2]); the first live member holds the lock. Entries whose time
+// ran out are dropped by whoever looks. Both keys expire a minute after the latest wait or lease
+// they cover (TTLs are only ever extended), so abandoned names vanish.
+const REDIS_ENQUEUE: &str = r#"
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
-return false
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ticket = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[1], ticket, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], now + tonumber(ARGV[2]) + 1000)
+extend(KEYS[1], tonumber(ARGV[2]) + 60000)
+extend(KEYS[2], tonumber(ARGV[2]) + 60000)
+return ticket
+"#;
+
+const REDIS_TRY: &str = r#"
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local line = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, holder in ipairs(line) do
+  if holder == ARGV[1] then
+    local token = redis.call('INCR', KEYS[3])
+    redis.call('HSET', KEYS[2], holder, now + tonumber(ARGV[2]))
+    extend(KEYS[1], tonumber(ARGV[2]) + 60000)
+    extend(KEYS[2], tonumber(ARGV[2]) + 60000)
+    return token
+  end
+  local expires = tonumber(redis.call('HGET', KEYS[2], holder) or '0')
+  if expires > now then return false end
+  redis.call('ZREM', KEYS[1], holder)
+  redis.call('HDEL', KEYS[2], holder)
+end
+return redis.error_reply('lock entry does not exist (expired?)')
 "#;
 
 const REDIS_RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
 "#;
 
 impl LockStore {
@@ -92,7 +126,19 @@ impl LockStore {
                     .await?;
                 Ok(Ticket::Postgres(id))
             }
-            Self::Redis { .. } => Ok(Ticket::Redis(uuid::Uuid::new_v4().to_string())),
+            Self::Redis { conn, prefix, .. } => {
+                let holder = uuid::Uuid::new_v4().to_string();
+                let mut conn = conn.clone();
+                let _ticket: i64 = Script::new(REDIS_ENQUEUE)
+                    .key(format!("{prefix}lockq:{name}"))
+                    .key(format!("{prefix}lockexp:{name}"))
+                    .key(format!("{prefix}lock-tickets"))
+                    .arg(&holder)
+                    .arg(wait_ms)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(Ticket::Redis(holder))
+            }
         }
     }
 
@@ -113,8 +159,9 @@ impl LockStore {
             }
             (Self::Redis { conn, prefix, .. }, Ticket::Redis(holder)) => {
                 let mut conn = conn.clone();
-                let token: Option<i64> = Script::new(REDIS_ACQUIRE)
-                    .key(format!("{prefix}lock:{name}"))
+                let token: Option<i64> = Script::new(REDIS_TRY)
+                    .key(format!("{prefix}lockq:{name}"))
+                    .key(format!("{prefix}lockexp:{name}"))
                     .key(format!("{prefix}lock-fencing"))
                     .arg(holder)
                     .arg(lease_ms)
@@ -138,7 +185,8 @@ impl LockStore {
             (Self::Redis { conn, prefix, .. }, Ticket::Redis(holder)) => {
                 let mut conn = conn.clone();
                 let _: i64 = Script::new(REDIS_RELEASE)
-                    .key(format!("{prefix}lock:{name}"))
+                    .key(format!("{prefix}lockq:{name}"))
+                    .key(format!("{prefix}lockexp:{name}"))
                     .arg(holder)
                     .invoke_async(&mut conn)
                     .await?;
