@@ -43,6 +43,8 @@ async fn latency_scenario_runs() {
 #[tokio::test]
 async fn delayed_scenario_runs() {
     let mut report = Report::default();
-    bench::delayed::run(Scale::Smoke, &mut report).await.unwrap();
+    bench::delayed::run(Scale::Smoke, &mut report)
+        .await
+        .unwrap();
     assert_figures(&report, &["relay_drain_with_"]);
 }
