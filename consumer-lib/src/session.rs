@@ -68,6 +68,11 @@ pub(crate) async fn run(
     result
 }
 
+fn ordering_key(delivery: &lapin::message::Delivery) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    crate::headers::str_value(headers, crate::message::ORDERING_KEY_HEADER).map(str::to_owned)
+}
+
 fn lost(error: String, started: bool) -> End {
     End::Lost { error, started }
 }
@@ -158,15 +163,7 @@ async fn consume(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let key = if config.ordered {
-                        crate::headers::str_value(
-                            delivery.properties.headers().as_ref().unwrap_or(&FieldTable::default()),
-                            crate::message::ORDERING_KEY_HEADER,
-                        )
-                        .map(str::to_owned)
-                    } else {
-                        None
-                    };
+                    let key = if config.ordered { ordering_key(&delivery) } else { None };
                     match key {
                         Some(key) => lanes.dispatch(key, delivery, shared, &session, &tracker),
                         None => {
