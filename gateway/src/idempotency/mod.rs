@@ -188,10 +188,10 @@ where
         settle_ms: settings.timeout_ms,
         ttl_secs: settings.ttl_secs,
     };
-    let labels = [
-        ("route", settings.route.clone()),
-        ("caller", spec.caller.clone()),
-    ];
+    let conflict = |kind: &'static str| {
+        metrics::counter!("gateway_idempotency_conflicts_total", "route" => settings.route.clone(), "caller" => spec.caller.clone(), "kind" => kind)
+            .increment(1);
+    };
     let token = match store.begin(&spec).await {
         Err(err) => {
             tracing::error!(cause = %err, route = %settings.route, "idempotency store failed");
@@ -199,15 +199,7 @@ where
         }
         Ok(Begin::Started { token }) => token,
         Ok(Begin::Mismatch) => {
-            metrics::counter!(
-                "gateway_idempotency_conflicts_total",
-                &[
-                    labels[0].clone(),
-                    labels[1].clone(),
-                    ("kind", "mismatch".to_owned())
-                ]
-            )
-            .increment(1);
+            conflict("mismatch");
             return Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
@@ -220,15 +212,12 @@ where
             lease_left_ms,
             outcome_unknown,
         }) => {
-            metrics::counter!(
-                "gateway_idempotency_conflicts_total",
-                &[
-                    labels[0].clone(),
-                    labels[1].clone(),
-                    ("kind", "in_flight".to_owned())
-                ]
-            )
-            .increment(1);
+            let kind = if outcome_unknown {
+                "outcome_unknown"
+            } else {
+                "in_flight"
+            };
+            conflict(kind);
             let problem = Problem::new(
                 StatusCode::CONFLICT,
                 "idempotency-key-in-flight",
@@ -249,7 +238,8 @@ where
             };
         }
         Ok(Begin::Completed(stored)) => {
-            metrics::counter!("gateway_idempotency_replays_total", &labels).increment(1);
+            metrics::counter!("gateway_idempotency_replays_total", "route" => settings.route.clone(), "caller" => spec.caller.clone())
+                .increment(1);
             return replay(stored);
         }
     };
