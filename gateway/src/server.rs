@@ -70,6 +70,7 @@ type RouteService = BoxCloneSyncService<GatewayRequest, GatewayResponse, Infalli
 struct RouteEntry {
     prefix: String,
     max_body: usize,
+    timeout: Duration,
     service: RouteService,
 }
 
@@ -195,6 +196,7 @@ impl Gateway {
             routes.push(RouteEntry {
                 prefix: route.normalized_prefix(),
                 max_body: route.max_body_bytes.unwrap_or(config.max_body_bytes),
+                timeout: Duration::from_millis(route.timeout_ms),
                 service: BoxCloneSyncService::new(stack),
             });
         }
@@ -420,7 +422,24 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
         return refuse(&entry.prefix, &caller.0, too_large());
     }
     let (mut parts, body) = req.into_parts();
-    let bytes: Bytes = match Limited::new(body, entry.max_body).collect().await {
+    // A client trickling its body must not hold a connection and a buffer forever.
+    let read = tokio::time::timeout(entry.timeout, Limited::new(body, entry.max_body).collect());
+    let Ok(read) = read.await else {
+        return refuse(
+            &entry.prefix,
+            &caller.0,
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                "Request body too slow",
+            )
+            .detail(format!(
+                "the body did not arrive within the route's timeout of {} ms",
+                entry.timeout.as_millis()
+            )),
+        );
+    };
+    let bytes: Bytes = match read {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return refuse(&entry.prefix, &caller.0, too_large());

@@ -224,3 +224,27 @@ async fn health_readiness_and_metrics_are_served() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn body_that_trickles_past_the_route_timeout_is_408() {
+    let upstream = Upstream::start().await;
+    let db = fresh_db().await;
+    let toml = format!(
+        "{}[[routes]]\nprefix = \"/pay\"\nupstream = \"{}\"\ntimeout_ms = 500\n",
+        header_lines(&db.url),
+        upstream.url()
+    );
+    let gw = start_gateway(&toml).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /pay/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut out = vec![0; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut out))
+        .await
+        .expect("answered while the body is still incomplete")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(upstream.hits(), 0);
+}
