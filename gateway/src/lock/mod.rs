@@ -149,6 +149,12 @@ where
         if now >= deadline {
             metrics::counter!("gateway_lock_busy_total", "route" => settings.route.clone())
                 .increment(1);
+            // Leave the line before answering, so a request arriving right after this one is
+            // not queued behind an entry that has already given up.
+            guard.armed = false;
+            if let Err(e) = store.release(&name, &ticket).await {
+                tracing::warn!(cause = %e, "leaving the lock line failed; the entry expires by itself");
+            }
             return Problem::new(StatusCode::CONFLICT, "resource-locked", "Resource busy")
                 .detail(format!(
                     "another request for `{key}` holds the lock; waited {} ms",
