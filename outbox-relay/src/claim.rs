@@ -182,6 +182,27 @@ pub async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any policy, any attempt: the delay is at least the exponential base (never hot) and
+        /// at most twice the cap (jitter adds up to one base).
+        #[test]
+        fn retry_delay_is_bounded_for_any_policy(
+            min_ms in 1u64..10_000,
+            extra_ms in 0u64..600_000,
+            attempts in 0i32..10_000,
+        ) {
+            let policy = RetryPolicy {
+                max_attempts: 10,
+                min: Duration::from_millis(min_ms),
+                max: Duration::from_millis(min_ms + extra_ms),
+            };
+            let d = policy.delay_after(attempts);
+            prop_assert!(d >= policy.min, "{d:?} below the minimum");
+            prop_assert!(d <= policy.max * 2, "{d:?} above twice the cap");
+        }
+    }
 
     #[test]
     fn retry_delays_grow_and_stay_bounded() {

@@ -135,11 +135,14 @@ impl From<PreparedError> for Problem {
 
 async fn authenticate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     if let Some(expected) = &state.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        // Exactly one Authorization header: with two, a proxy and this server could each
+        // believe a different one.
+        let mut all = req.headers().get_all(header::AUTHORIZATION).iter();
+        let given = match (all.next(), all.next()) {
+            (Some(v), None) => v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")),
+            (Some(_), Some(_)) => Some(""),
+            (None, _) => None,
+        };
         match given {
             Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {}
             Some(_) => {

@@ -553,3 +553,62 @@ async fn bad_configuration_exits_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("RELAY_HTTP_ADDR"));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn secrets_never_appear_in_logs_or_errors() {
+    let db = fresh_db().await;
+    let secret = "s3cr3t-broker-pass";
+    // A broker that refuses: the relay logs its connection failures.
+    let out = tokio::task::spawn_blocking({
+        let url = db.url.clone();
+        move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+                .arg("run")
+                .env("DATABASE_URL", &url)
+                .env("AMQP_URL", format!("amqp://guest:{secret}@127.0.0.1:1/%2f"))
+                .env("RELAY_HTTP_ADDR", "127.0.0.1:0")
+                .env("RELAY_ADMIN_TOKEN", "token-0123456789-very-secret")
+                .env("RUST_LOG", "debug")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.try_wait();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let logs =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        logs.contains("broker connect failed"),
+        "the failure is logged: {logs}"
+    );
+    assert!(
+        !logs.contains(secret),
+        "the broker password leaked into the logs"
+    );
+    assert!(
+        !logs.contains("very-secret"),
+        "the admin token leaked into the logs"
+    );
+
+    // A bad token length is refused without echoing the token.
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["run"])
+        .env("DATABASE_URL", &db.url)
+        .env("RELAY_ADMIN_TOKEN", "short-secret")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("admin_token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("short-secret"), "{stderr}");
+}
