@@ -124,17 +124,19 @@ async fn paced_latency(
     broker::wait_arrivals(&arrivals, sent, Duration::from_secs(60)).await?;
     relay.stop().await?;
     pool.close().await;
-    let committed = committed.lock().expect("lock");
-    let mut latencies: Vec<f64> = arrivals
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter_map(|(id, at)| {
-            let c = committed.get(id)?;
-            // A message can arrive before its producer's COMMIT call has returned to it.
-            Some(at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
-        })
-        .collect();
+    let mut latencies: Vec<f64> = {
+        let committed = committed.lock().expect("lock");
+        arrivals
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|(id, at)| {
+                let c = committed.get(id)?;
+                // A message can arrive before its producer's COMMIT call has returned to it.
+                Some(at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
     latencies.sort_by(f64::total_cmp);
     let _ = connection.close(200, "done".into()).await;
     Ok(latencies)

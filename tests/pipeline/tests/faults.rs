@@ -114,7 +114,8 @@ impl Pipeline {
                     n += 1;
                     let key = format!("k{key}");
                     loop {
-                        match commit_one(&pool, &queue, &key, seq as i32, n % 7 == 0).await {
+                        match commit_one(&pool, &queue, &key, seq as i32, n.is_multiple_of(7)).await
+                        {
                             Ok(()) => break,
                             // A COMMIT cut by a restart may have gone through: the retry then
                             // finds its (key, seq) taken and rolls back. Exactly one committed.
