@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(key) = gateway::idempotency::key::parse_sf_string(data) {
+    if let Ok(key) = gateway::idempotency::parse_sf_string(data) {
         assert!(key.len() <= 255);
         assert!(key.bytes().all(|b| (0x20..=0x7e).contains(&b)));
     }
