@@ -1,0 +1,205 @@
+//! A fake payment provider, local and deliberately unreliable: some requests are slow (longer
+//! than the gateway's timeout), some fail with 503, chosen by a seeded random generator so a run
+//! can be repeated. Like a real provider it dedupes on the `Idempotency-Key` it receives and
+//! honours the gateway's fencing token: a request whose token is lower than one already seen
+//! for the order never charges. `GET /stats` reports every charge, per order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// How unreliable the provider is.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Seed of the random choices.
+    pub seed: u64,
+    /// Share of requests answered 503 before anything is charged.
+    pub fail_rate: f64,
+    /// Share of requests that take `slow` before charging.
+    pub slow_rate: f64,
+    /// How long a slow request takes.
+    pub slow: Duration,
+}
+
+/// Counters and charges, as `GET /stats` returns them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProviderStats {
+    /// Charge requests received.
+    pub requests: u64,
+    /// Charges created.
+    pub charges: u64,
+    /// Requests answered with an existing charge (same idempotency key).
+    pub deduplicated: u64,
+    /// Requests refused because a newer fencing token was seen for the order.
+    pub stale_fencing_tokens: u64,
+    /// 503s injected.
+    pub failures_injected: u64,
+    /// Slow requests injected.
+    pub slow_injected: u64,
+    /// Charges per order id (more than one would be a double charge).
+    pub charges_per_order: BTreeMap<i64, u32>,
+    /// Amount charged per order id.
+    pub amount_per_order: BTreeMap<i64, i64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rng: StdRng,
+    config: ProviderConfig,
+    by_key: HashMap<String, String>,
+    max_token: HashMap<i64, u64>,
+    next_charge: u64,
+    stats: ProviderStats,
+}
+
+/// The provider's shared state.
+#[derive(Debug, Clone)]
+pub struct Provider(Arc<Mutex<Inner>>);
+
+#[derive(Deserialize)]
+struct ChargeRequest {
+    order_id: i64,
+    amount_cents: i64,
+}
+
+impl Provider {
+    /// A provider with no charges.
+    pub fn new(config: ProviderConfig) -> Self {
+        Provider(Arc::new(Mutex::new(Inner {
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            by_key: HashMap::new(),
+            max_token: HashMap::new(),
+            next_charge: 1,
+            stats: ProviderStats::default(),
+        })))
+    }
+
+    /// `POST /charges`, `GET /stats`, `GET /healthz`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/charges", post(charge))
+            .route("/stats", get(stats))
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(self.clone())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ProviderStats {
+        self.0.lock().expect("provider lock").stats.clone()
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+/// Records the token; false when a newer one was already seen for the order.
+fn fence(inner: &mut Inner, order_id: i64, token: Option<u64>) -> bool {
+    let Some(token) = token else { return true };
+    let seen = inner.max_token.entry(order_id).or_insert(0);
+    if token < *seen {
+        inner.stats.stale_fencing_tokens += 1;
+        return false;
+    }
+    *seen = token;
+    true
+}
+
+async fn charge(
+    State(provider): State<Provider>,
+    headers: HeaderMap,
+    Json(req): Json<ChargeRequest>,
+) -> Response {
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "Idempotency-Key header required"}),
+        );
+    };
+    let token = headers
+        .get("fencing-token")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let delay = {
+        let mut inner = provider.0.lock().expect("provider lock");
+        inner.stats.requests += 1;
+        if !fence(&mut inner, req.order_id, token) {
+            return answer(
+                StatusCode::CONFLICT,
+                serde_json::json!({"error": "stale fencing token"}),
+            );
+        }
+        if let Some(id) = inner.by_key.get(&key).cloned() {
+            inner.stats.deduplicated += 1;
+            return answer(StatusCode::OK, serde_json::json!({"charge_id": id}));
+        }
+        let (fail_rate, slow_rate, slow) = (
+            inner.config.fail_rate,
+            inner.config.slow_rate,
+            inner.config.slow,
+        );
+        if inner.rng.random_bool(fail_rate) {
+            inner.stats.failures_injected += 1;
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "injected failure"}),
+            );
+        }
+        if inner.rng.random_bool(slow_rate) {
+            inner.stats.slow_injected += 1;
+            slow
+        } else {
+            Duration::from_millis(inner.rng.random_range(1..10))
+        }
+    };
+    tokio::time::sleep(delay).await;
+    let mut inner = provider.0.lock().expect("provider lock");
+    // Checked again at the write: a request that outlived the gateway's timeout must not charge
+    // once a newer request for the order has started (Kleppmann's fencing).
+    if let Some(t) = token
+        && inner.max_token.get(&req.order_id).is_some_and(|seen| t < *seen)
+    {
+        inner.stats.stale_fencing_tokens += 1;
+        return answer(
+            StatusCode::CONFLICT,
+            serde_json::json!({"error": "stale fencing token"}),
+        );
+    }
+    if let Some(id) = inner.by_key.get(&key).cloned() {
+        inner.stats.deduplicated += 1;
+        return answer(StatusCode::OK, serde_json::json!({"charge_id": id}));
+    }
+    let id = format!("ch_{}", inner.next_charge);
+    inner.next_charge += 1;
+    inner.by_key.insert(key, id.clone());
+    inner.stats.charges += 1;
+    *inner
+        .stats
+        .charges_per_order
+        .entry(req.order_id)
+        .or_insert(0) += 1;
+    *inner
+        .stats
+        .amount_per_order
+        .entry(req.order_id)
+        .or_insert(0) += req.amount_cents;
+    answer(StatusCode::CREATED, serde_json::json!({"charge_id": id}))
+}
+
+async fn stats(State(provider): State<Provider>) -> Json<ProviderStats> {
+    Json(provider.stats())
+}
