@@ -166,6 +166,24 @@ async fn charge(
             Duration::from_millis(inner.rng.random_range(1..10))
         }
     };
+    // A real provider keeps working when its client hangs up (the gateway's timeout): the
+    // charge runs in its own task, so dropping this request does not cancel it.
+    let task = tokio::spawn(settle(provider, key, token, req, delay));
+    task.await.unwrap_or_else(|_| {
+        answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": "charge task failed"}),
+        )
+    })
+}
+
+async fn settle(
+    provider: Provider,
+    key: String,
+    token: Option<u64>,
+    req: ChargeRequest,
+    delay: Duration,
+) -> Response {
     tokio::time::sleep(delay).await;
     let mut inner = provider.0.lock().expect("provider lock");
     // Checked again at the write: a request that outlived the gateway's timeout must not charge
