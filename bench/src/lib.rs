@@ -8,15 +8,29 @@
 //!   at a fixed rate, with and without NOTIFY.
 //! - [`delayed`]: drain of due messages with a million delayed ones pending vs none.
 //! - [`broker`]: the raw publisher and queue helpers the scenarios share.
+//! - [`consumer`]: consumer-lib's drain vs a raw ack-only consumer and the database's commit
+//!   ceiling at the same concurrency; what batching several messages per commit gives.
+//! - [`gateway`]: the gateway binary vs nginx `proxy_pass` and the upstream called directly;
+//!   idempotent POSTs on the PostgreSQL and Redis stores.
+//! - [`load`]: the whole pipeline as processes at 2,000 msg/s for two minutes: backlog over
+//!   time and peak memory of relay, consumer and gateway.
+//! - [`child`], [`upstream`], [`http_load`]: child processes, the HTTP upstream, and the HTTP
+//!   load generator those scenarios share.
 //!
 //! [`Scale`] sets sizes: `full` for the README's figures, `smoke` for the test suite (so the
 //! harness cannot rot without a failing test).
 
 pub mod broker;
+pub mod child;
+pub mod consumer;
 pub mod delayed;
+pub mod gateway;
+pub mod http_load;
+pub mod load;
 pub mod relay;
 pub mod report;
 pub mod steady;
+pub mod upstream;
 
 pub use report::{Figure, Report};
 

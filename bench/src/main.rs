@@ -1,4 +1,4 @@
-//! `cargo run --release -p bench -- all|relay|latency|delayed`: prints one line per figure
+//! `cargo run --release -p bench -- all|relay|latency|delayed|consumer|gateway|load`: prints one line per figure
 //! (`name value unit baseline ratio`) and writes `target/bench/results.json`.
 
 use bench::{Report, Scale};
@@ -21,6 +21,11 @@ enum Scenario {
     Relay,
     Latency,
     Delayed,
+    Consumer,
+    Gateway,
+    /// Two minutes of the whole pipeline at 2,000 msg/s; not part of `all` (it would take the
+    /// full run past its time budget).
+    Load,
 }
 
 #[tokio::main]
@@ -40,6 +45,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if all || cli.scenario == Scenario::Delayed {
         bench::delayed::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Consumer {
+        bench::consumer::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Gateway {
+        bench::gateway::run(scale, &mut report).await?;
+    }
+    if cli.scenario == Scenario::Load {
+        bench::load::run(scale, &mut report).await?;
     }
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");

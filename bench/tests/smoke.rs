@@ -48,3 +48,47 @@ async fn delayed_scenario_runs() {
         .unwrap();
     assert_figures(&report, &["relay_drain_with_"]);
 }
+
+#[tokio::test]
+async fn consumer_scenario_runs() {
+    let mut report = Report::default();
+    bench::consumer::run(Scale::Smoke, &mut report)
+        .await
+        .unwrap();
+    assert_figures(
+        &report,
+        &["consumer_inbox_drain", "db_ceiling_batch10_per_commit"],
+    );
+}
+
+/// Without nginx installed the nginx comparison is skipped; the gateway figures must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_scenario_runs() {
+    let mut report = Report::default();
+    bench::gateway::run(Scale::Smoke, &mut report).await.unwrap();
+    assert_figures(
+        &report,
+        &[
+            "gateway_proxy_rps",
+            "gateway_added_p99",
+            "gateway_idempotent_post_postgres_rps",
+            "gateway_idempotent_post_redis_p99",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_scenario_runs() {
+    let mut report = Report::default();
+    bench::load::run(Scale::Smoke, &mut report).await.unwrap();
+    assert_figures(
+        &report,
+        &[
+            "load_produced_rate",
+            "load_backlog_last",
+            "relay_peak_rss_mib",
+            "consumer_peak_rss_mib",
+            "gateway_peak_rss_mib",
+        ],
+    );
+}

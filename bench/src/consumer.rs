@@ -1,0 +1,273 @@
+//! Consumer: consumer-lib draining a pre-filled queue with inbox dedupe and one effect row per
+//! message, against (a) a raw lapin consumer that only acks (same queue size and prefetch) and
+//! (b) the database's commit ceiling at the same concurrency: 8 connections each doing what
+//! the library does per message (insert an inbox row + insert an effect row + commit) with no
+//! broker (target ≥ 0.8 × (b)). Batching is measured on the database side: K messages' rows
+//! per commit vs one.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use consumer_lib::{Consumer, Handler, HandlerError, Message};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Figure, Report, Scale, broker};
+
+/// Handlers (and database connections) at once; consumer-lib's default.
+const CONCURRENCY: usize = 8;
+/// Unacked deliveries in flight, for both consumers (≥ 100, below which prefetch starves).
+const PREFETCH: u16 = 200;
+/// Messages per transaction in the batching comparison.
+const BATCH: usize = 10;
+
+/// Publishes `n` persistent messages with `message_id` 1..=n (the library needs positive ids)
+/// and a `{}` body, 1,000 confirms in flight.
+pub async fn prefill(connection: &lapin::Connection, queue: &str, n: usize) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut pending = VecDeque::with_capacity(1000);
+    for id in 1..=n {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                // mandatory: an unroutable message would otherwise vanish and the drain hang.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"{}",
+                BasicProperties::default()
+                    .with_message_id(id.to_string().into())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await?;
+        pending.push_back(confirm);
+        if pending.len() >= 1000 {
+            let c = pending.pop_front().expect("non-empty");
+            anyhow::ensure!(matches!(c.await?, Confirmation::Ack(None)), "prefill nack");
+        }
+    }
+    for c in pending {
+        anyhow::ensure!(matches!(c.await?, Confirmation::Ack(None)), "prefill nack");
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(())
+}
+
+struct Effect;
+
+impl Handler for Effect {
+    type Payload = serde::de::IgnoredAny;
+
+    async fn handle(
+        &self,
+        message: &Message<serde::de::IgnoredAny>,
+        tx: &mut sqlx::PgTransaction<'static>,
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO bench_effects (message_id) VALUES ($1)")
+            .bind(message.id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// consumer-lib draining `n` messages from `queue`; returns msg/s.
+async fn library_drain(
+    db: &integration_tests::TestDb,
+    queue: &str,
+    n: u64,
+) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32 + 2)
+        .connect(&db.url)
+        .await?;
+    let applied = Arc::new(AtomicU64::new(0));
+    let counter = applied.clone();
+    let consumer = Consumer::builder(queue)
+        .amqp_url(integration_tests::amqp_url())
+        .database(pool.clone())
+        .queue(queue)
+        .prefetch(PREFETCH)
+        .concurrency(CONCURRENCY)
+        .after_commit(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .handler(Effect)
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    let deadline = started + Duration::from_secs(300);
+    while applied.load(Ordering::Relaxed) < n {
+        anyhow::ensure!(
+            Instant::now() < deadline && !task.is_finished(),
+            "consumer-lib applied {} of {n}",
+            applied.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    task.await??;
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_effects")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(effects as u64 == n, "{effects} effect rows for {n} messages");
+    pool.close().await;
+    Ok(rate)
+}
+
+/// A raw lapin consumer that only acks, one ack per message; returns msg/s.
+async fn raw_drain(connection: &lapin::Connection, queue: &str, n: u64) -> anyhow::Result<f64> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut seen = 0;
+    while seen < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("raw consumer stalled at {seen} of {n}"))?
+            .ok_or_else(|| anyhow::anyhow!("raw consumer stream ended"))??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        seen += 1;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = channel.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// `CONCURRENCY` connections, each committing transactions of `per_tx` messages' worth of
+/// rows (one inbox row + one effect row per message) for `secs`; returns messages per second.
+async fn commit_ceiling(
+    db: &integration_tests::TestDb,
+    per_tx: usize,
+    secs: Duration,
+) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32)
+        .connect(&db.url)
+        .await?;
+    let next_id = Arc::new(AtomicI64::new(1));
+    let deadline = Instant::now() + secs;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (pool, next_id) = (pool.clone(), next_id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                use sqlx::Connection;
+                let mut tx = conn.begin().await?;
+                for _ in 0..per_tx {
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    sqlx::query(
+                        "INSERT INTO inbox.processed (consumer, message_id) VALUES ('ceiling', $1)",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("INSERT INTO bench_effects (message_id) VALUES ($1)")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                n += per_tx as u64;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(rate)
+}
+
+/// Runs the consumer scenario and records its figures.
+pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    let n = scale.pick(50_000, 1_000);
+    let secs = Duration::from_secs_f64(scale.pick(8.0, 0.5));
+    let db = integration_tests::fresh_db().await;
+    sqlx::query(
+        "CREATE TABLE bench_effects (id bigserial PRIMARY KEY, message_id bigint NOT NULL, \
+         applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&db.pool)
+    .await?;
+    let connection = broker::connect().await?;
+    let channel = connection.create_channel().await?;
+
+    // Baseline (a): the raw consumer on a queue of the same size.
+    let raw_queue = integration_tests::unique_name("bench_consume_raw");
+    broker::declare_queue(&channel, &raw_queue).await?;
+    prefill(&connection, &raw_queue, n).await?;
+    let raw = raw_drain(&connection, &raw_queue, n as u64).await?;
+    broker::delete_queue(&channel, &raw_queue).await?;
+
+    // The library. Its queue is a plain durable queue, as the library declares it.
+    let queue = integration_tests::unique_name("bench_consume");
+    broker::declare_queue(&channel, &queue).await?;
+    prefill(&connection, &queue, n).await?;
+    let library = library_drain(&db, &queue, n as u64).await?;
+    broker::delete_queue(&channel, &queue).await?;
+
+    // Baseline (b) and batching, on the same (now populated) tables.
+    let ceiling = commit_ceiling(&db, 1, secs).await?;
+    let batched = commit_ceiling(&db, BATCH, secs).await?;
+
+    report.push(Figure::new(
+        "consumer_inbox_drain",
+        library,
+        "msg/s",
+        "db_commit_ceiling_8conn",
+        ceiling,
+        Some(">= 0.80"),
+    ));
+    report.push(Figure::new(
+        "consumer_inbox_drain",
+        library,
+        "msg/s",
+        "raw_ack_only_consumer",
+        raw,
+        None,
+    ));
+    report.push(Figure::new(
+        &format!("db_ceiling_batch{BATCH}_per_commit"),
+        batched,
+        "msg/s",
+        "db_commit_ceiling_8conn",
+        ceiling,
+        None,
+    ));
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! Gateway: plain proxying through the `gateway` binary vs nginx `proxy_pass` (keep-alive
+//! upstream) to the same in-process upstream, both measured with the same load generator in the
+//! same run, plus the upstream called directly; then idempotent POSTs with a unique key each,
+//! PostgreSQL store and Redis store, vs plain POSTs through the same gateway.
+//!
+//! - Throughput: 16 connections as fast as answered, two alternating rounds per target.
+//! - Latency: paced to 2,000 req/s over 8 connections, so p99 shows what a proxy adds rather
+//!   than queueing at saturation (target: gateway p99 ≤ direct p99 + 1 ms).
+//!
+//! nginx is installed with `apt-get install -y nginx` if missing and run as a child with a
+//! temporary prefix (`daemon off`); the system's nginx service is never touched. The smoke run
+//! skips nginx when it is not installed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::child::{Process, free_port, temp_dir, wait_port, workspace_binary};
+use crate::http_load::{Load, Outcome, run_checked};
+use crate::{Figure, Report, Scale, upstream};
+
+const CONNECTIONS: usize = 16;
+const PACED_CONNECTIONS: usize = 8;
+const PACED_RATE: f64 = 2000.0;
+
+/// The gateway binary as a child, with its config in a temporary directory.
+pub struct GatewayProcess {
+    /// The child.
+    pub process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway with `/plain` (no layers but the defaults) and `/idem` (idempotency
+    /// required) routes to `upstream`, on `store` = `postgres` (`database_url`) or `redis`.
+    pub async fn start(
+        upstream: SocketAddr,
+        store: &str,
+        database_url: &str,
+    ) -> anyhow::Result<Self> {
+        let binary = workspace_binary("gateway", "gateway", false)?;
+        let port = free_port()?;
+        let dir = temp_dir("bench_gateway")?;
+        let store_line = match store {
+            "redis" => format!(
+                "store = \"redis\"\nredis_url = \"{}\"",
+                integration_tests::redis_url()
+            ),
+            _ => format!("store = \"postgres\"\ndatabase_url = \"{database_url}\""),
+        };
+        // Records only need to outlive the run (the TTL must cover the lease: timeout + 5 s).
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\n{store_line}\n\n\
+             [[routes]]\nprefix = \"/plain\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\n\
+             [[routes]]\nprefix = \"/idem\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\
+             idempotency = {{ required = true, ttl_secs = 60 }}\n"
+        );
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, config)?;
+        let mut command = Command::new(binary);
+        command
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut process = Process::spawn("gateway", command)?;
+        if let Err(e) = wait_port(port, Duration::from_secs(20)).await {
+            process.ensure_running()?;
+            return Err(e);
+        }
+        Ok(GatewayProcess {
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        })
+    }
+
+    /// SIGTERM and clean up.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let result = self.process.stop().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        result
+    }
+}
+
+/// The nginx binary, installed from Debian's packages if missing (full runs only).
+fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
+    let find = || {
+        ["nginx", "/usr/sbin/nginx"].into_iter().find(|b| {
+            Command::new(b)
+                .arg("-v")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    };
+    if let Some(b) = find() {
+        return Ok(Some(PathBuf::from(b)));
+    }
+    if !install {
+        return Ok(None);
+    }
+    eprintln!("# nginx missing: apt-get install -y nginx");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "nginx"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        // Keeps the package's scripts from starting the system service; the bench runs its own.
+        .env("RUNLEVEL", "1")
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "apt-get install -y nginx failed");
+    Ok(find().map(PathBuf::from))
+}
+
+/// nginx as a child with its own prefix, proxying to `upstream` over keep-alive connections.
+struct Nginx {
+    process: Process,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    async fn start(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = temp_dir("bench_nginx")?;
+        let p = dir.display();
+        // Keep-alive both ways with request limits high enough never to close a connection
+        // mid-run; no access log, as the gateway logs only errors.
+        let config = format!(
+            "daemon off;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/error.log error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n\
+               client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+               fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+               upstream bench_upstream {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n\
+                 location / {{ proxy_pass http://bench_upstream; proxy_http_version 1.1; \
+                 proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), config)?;
+        let mut command = Command::new(binary);
+        command
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut process = Process::spawn("nginx", command)?;
+        if let Err(e) = wait_port(port, Duration::from_secs(10)).await {
+            process.ensure_running()?;
+            return Err(e);
+        }
+        Ok(Nginx {
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        // QUIT: graceful shutdown of the master and its workers.
+        let result = self.process.stop_with("QUIT").await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        result
+    }
+}
+
+/// Combines rounds of one target: total requests over total time, latencies merged.
+fn merge(rounds: &[Outcome]) -> Outcome {
+    let mut latencies: Vec<u32> = rounds
+        .iter()
+        .flat_map(|o| o.latencies_us.iter().copied())
+        .collect();
+    latencies.sort_unstable();
+    Outcome {
+        ok: rounds.iter().map(|o| o.ok).sum(),
+        errors: rounds.iter().map(|o| o.errors).sum(),
+        rate: rounds.iter().map(|o| o.rate).sum::<f64>() / rounds.len() as f64,
+        latencies_us: latencies,
+    }
+}
+
+/// Runs the gateway scenario and records its figures.
+pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(scale.pick(6.0, 0.5));
+    let paced_secs = Duration::from_secs_f64(scale.pick(6.0, 0.5));
+    let rounds = scale.pick(2, 1);
+    let nginx_binary = nginx_binary(scale == Scale::Full)?;
+    if nginx_binary.is_none() {
+        eprintln!("# nginx not installed: the smoke run skips the nginx comparison");
+    }
+
+    let db = integration_tests::fresh_db().await;
+    let upstream = upstream::start().await?;
+    let gateway = GatewayProcess::start(upstream.addr, "postgres", &db.url).await?;
+    let nginx = match &nginx_binary {
+        Some(b) => Some(Nginx::start(b, upstream.addr).await?),
+        None => None,
+    };
+
+    // Targets: (name, address, path).
+    let mut targets = vec![
+        ("direct", upstream.addr, "/x"),
+        ("gateway", gateway.addr, "/plain/x"),
+    ];
+    if let Some(n) = &nginx {
+        targets.push(("nginx", n.addr, "/x"));
+    }
+    // Warm every connection pool and cache once, unrecorded.
+    for (_, addr, path) in &targets {
+        run_checked(
+            "warm-up",
+            &Load::get(*addr, path, CONNECTIONS, secs.min(Duration::from_secs(1))),
+        )
+        .await?;
+    }
+    // Throughput, rounds alternating in order so drift hits every target alike.
+    let mut throughput: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for i in 0..targets.len() {
+            let i = if round % 2 == 0 {
+                i
+            } else {
+                targets.len() - 1 - i
+            };
+            let (name, addr, path) = targets[i];
+            throughput[i].push(run_checked(name, &Load::get(addr, path, CONNECTIONS, secs)).await?);
+        }
+    }
+    let throughput: Vec<Outcome> = throughput.iter().map(|r| merge(r)).collect();
+    // Latency at a fixed rate.
+    let mut paced = Vec::new();
+    for (name, addr, path) in &targets {
+        let load = Load {
+            rate: Some(scale.pick(PACED_RATE, 400.0)),
+            ..Load::get(*addr, path, PACED_CONNECTIONS, paced_secs)
+        };
+        paced.push(run_checked(name, &load).await?);
+    }
+
+    // Idempotent POSTs: plain POST through the gateway, then unique keys on each store.
+    let run_id = integration_tests::unique_name("bench");
+    let plain_post = run_checked(
+        "gateway plain POST",
+        &Load::post(gateway.addr, "/plain/x", CONNECTIONS, secs),
+    )
+    .await?;
+    let idem_pg = run_checked(
+        "gateway idempotent POST (postgres)",
+        &Load {
+            idempotency_prefix: Some(format!("{run_id}-pg")),
+            ..Load::post(gateway.addr, "/idem/x", CONNECTIONS, secs)
+        },
+    )
+    .await?;
+    let gateway_rss = gateway.process.peak_rss_mib()?;
+    gateway.stop().await?;
+    if let Some(n) = nginx {
+        n.stop().await?;
+    }
+    let redis_gateway = GatewayProcess::start(upstream.addr, "redis", "").await?;
+    run_checked(
+        "warm-up",
+        &Load {
+            idempotency_prefix: Some(format!("{run_id}-warm")),
+            ..Load::post(redis_gateway.addr, "/idem/x", CONNECTIONS, Duration::from_millis(300))
+        },
+    )
+    .await?;
+    let idem_redis = run_checked(
+        "gateway idempotent POST (redis)",
+        &Load {
+            idempotency_prefix: Some(format!("{run_id}-redis")),
+            ..Load::post(redis_gateway.addr, "/idem/x", CONNECTIONS, secs)
+        },
+    )
+    .await?;
+    redis_gateway.stop().await?;
+
+    let (direct, gw) = (0, 1);
+    if targets.len() > 2 {
+        let ng = 2;
+        report.push(Figure::new(
+            "gateway_proxy_rps",
+            throughput[gw].rate,
+            "req/s",
+            "nginx_proxy_pass",
+            throughput[ng].rate,
+            Some(">= 1.0"),
+        ));
+        report.push(Figure::new(
+            "gateway_proxy_p99_at_2000rps",
+            paced[gw].p99_ms(),
+            "ms",
+            "nginx_p99_at_2000rps",
+            paced[ng].p99_ms(),
+            None,
+        ));
+    }
+    report.push(Figure::new(
+        "gateway_proxy_rps",
+        throughput[gw].rate,
+        "req/s",
+        "direct_upstream",
+        throughput[direct].rate,
+        None,
+    ));
+    report.push(Figure::new(
+        "gateway_proxy_p99_at_2000rps",
+        paced[gw].p99_ms(),
+        "ms",
+        "direct_p99_at_2000rps",
+        paced[direct].p99_ms(),
+        None,
+    ));
+    report.push(Figure::new(
+        "gateway_added_p99",
+        paced[gw].p99_ms() - paced[direct].p99_ms(),
+        "ms",
+        "limit_1ms",
+        1.0,
+        Some("<= 1.0"),
+    ));
+    report.push(Figure::new(
+        "gateway_idempotent_post_postgres_rps",
+        idem_pg.rate,
+        "req/s",
+        "gateway_plain_post",
+        plain_post.rate,
+        None,
+    ));
+    report.push(Figure::new(
+        "gateway_idempotent_post_postgres_p99",
+        idem_pg.p99_ms(),
+        "ms",
+        "gateway_plain_post_p99",
+        plain_post.p99_ms(),
+        None,
+    ));
+    report.push(Figure::new(
+        "gateway_idempotent_post_redis_rps",
+        idem_redis.rate,
+        "req/s",
+        "gateway_plain_post",
+        plain_post.rate,
+        None,
+    ));
+    report.push(Figure::new(
+        "gateway_idempotent_post_redis_p99",
+        idem_redis.p99_ms(),
+        "ms",
+        "gateway_plain_post_p99",
+        plain_post.p99_ms(),
+        None,
+    ));
+    println!("# gateway peak RSS after the PostgreSQL-store runs: {gateway_rss:.1} MiB");
+    Ok(())
+}
