@@ -318,10 +318,12 @@ async fn pay_order(
         }
         ChargeOutcome::Declined(why) => {
             // Nothing was charged: the order may be paid again, or time out.
-            sqlx::query("UPDATE shop.orders SET status = 'pending' WHERE id = $1 AND status = 'paying'")
-                .bind(id)
-                .execute(&state.pool)
-                .await?;
+            sqlx::query(
+                "UPDATE shop.orders SET status = 'pending' WHERE id = $1 AND status = 'paying'",
+            )
+            .bind(id)
+            .execute(&state.pool)
+            .await?;
             return Err(Problem::new(
                 StatusCode::PAYMENT_REQUIRED,
                 format!("payment declined: {why}"),
@@ -382,12 +384,14 @@ async fn pay_order(
     .bind(format!("order.paid:{id}"))
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE shop.orders SET paid_message_id = $2, timeout_withdrawn = $3 WHERE id = $1")
-        .bind(id)
-        .bind(message_id)
-        .bind(withdrawn)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE shop.orders SET paid_message_id = $2, timeout_withdrawn = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(message_id)
+    .bind(withdrawn)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     tracing::info!(order_id = id, message_id, withdrawn, "order paid");
     Ok(Json(order))

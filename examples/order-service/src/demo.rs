@@ -126,22 +126,81 @@ pub struct Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (rc, rp, rx, rev) = self.read_model;
-        writeln!(f, "order-service demo summary ({:.1} s)", self.elapsed.as_secs_f64())?;
-        writeln!(f, "  orders created                  {:>6}   (+{} client retries answered with the first order)", self.orders_created, self.create_retries_absorbed)?;
-        writeln!(f, "  paid                            {:>6}   ({} timeouts withdrawn before publishing)", self.paid, self.timeouts_withdrawn)?;
-        writeln!(f, "  timed out and cancelled         {:>6}   ({} late payments refused)", self.timed_out, self.late_payments_refused)?;
-        let prevented = self.gateway_replays + self.gateway_in_flight + self.provider_dedupes + self.stale_tokens;
-        writeln!(f, "  duplicate charges prevented     {:>6}   (gateway replays {}, in-flight 409s {}, provider key dedupes {}, stale fencing tokens {}; {} duplicate pay requests sent)",
-            prevented, self.gateway_replays, self.gateway_in_flight, self.provider_dedupes, self.stale_tokens, self.duplicate_pay_requests)?;
-        writeln!(f, "  charges at the provider         {:>6}   ({} failures and {} slow answers injected, {} gateway retries)", self.charges, self.provider_failures, self.provider_slow, self.gateway_retries)?;
-        writeln!(f, "  messages published             {:>6}   (relay, with publisher confirms)", self.published)?;
-        writeln!(f, "  duplicates suppressed           {:>6}   ({} messages republished by hand; {} applied, {} consumer retries)", self.duplicates_suppressed, self.republished, self.applied, self.consumer_retries)?;
-        writeln!(f, "  stock                           reserved {}, rejected (insufficient) {}, released by cancellation {}", self.reserved, self.rejected, self.released)?;
-        writeln!(f, "  notifications delivered         {:>6}   ({} attempts, signatures verified)", self.notifications_delivered, self.notification_attempts)?;
-        writeln!(f, "  read model (all days)           created {rc}, paid {rp}, cancelled {rx}, revenue {}.{:02}", rev / 100, rev % 100)?;
-        writeln!(f, "  order-to-stock latency          p50 {:.1} ms, p99 {:.1} ms", self.p50_ms, self.p99_ms)?;
+        writeln!(
+            f,
+            "order-service demo summary ({:.1} s)",
+            self.elapsed.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "  orders created                  {:>6}   (+{} client retries answered with the first order)",
+            self.orders_created, self.create_retries_absorbed
+        )?;
+        writeln!(
+            f,
+            "  paid                            {:>6}   ({} timeouts withdrawn before publishing)",
+            self.paid, self.timeouts_withdrawn
+        )?;
+        writeln!(
+            f,
+            "  timed out and cancelled         {:>6}   ({} late payments refused)",
+            self.timed_out, self.late_payments_refused
+        )?;
+        let prevented = self.gateway_replays
+            + self.gateway_in_flight
+            + self.provider_dedupes
+            + self.stale_tokens;
+        writeln!(
+            f,
+            "  duplicate charges prevented     {:>6}   (gateway replays {}, in-flight 409s {}, provider key dedupes {}, stale fencing tokens {}; {} duplicate pay requests sent)",
+            prevented,
+            self.gateway_replays,
+            self.gateway_in_flight,
+            self.provider_dedupes,
+            self.stale_tokens,
+            self.duplicate_pay_requests
+        )?;
+        writeln!(
+            f,
+            "  charges at the provider         {:>6}   ({} failures and {} slow answers injected, {} gateway retries)",
+            self.charges, self.provider_failures, self.provider_slow, self.gateway_retries
+        )?;
+        writeln!(
+            f,
+            "  messages published             {:>6}   (relay, with publisher confirms)",
+            self.published
+        )?;
+        writeln!(
+            f,
+            "  duplicates suppressed           {:>6}   ({} messages republished by hand; {} applied, {} consumer retries)",
+            self.duplicates_suppressed, self.republished, self.applied, self.consumer_retries
+        )?;
+        writeln!(
+            f,
+            "  stock                           reserved {}, rejected (insufficient) {}, released by cancellation {}",
+            self.reserved, self.rejected, self.released
+        )?;
+        writeln!(
+            f,
+            "  notifications delivered         {:>6}   ({} attempts, signatures verified)",
+            self.notifications_delivered, self.notification_attempts
+        )?;
+        writeln!(
+            f,
+            "  read model (all days)           created {rc}, paid {rp}, cancelled {rx}, revenue {}.{:02}",
+            rev / 100,
+            rev % 100
+        )?;
+        writeln!(
+            f,
+            "  order-to-stock latency          p50 {:.1} ms, p99 {:.1} ms",
+            self.p50_ms, self.p99_ms
+        )?;
         if self.failures.is_empty() {
-            write!(f, "invariants: all hold (stock never negative, no order both paid and cancelled, each payment charged once, every order one stock decision, read model = orders, every paid order notified)")
+            write!(
+                f,
+                "invariants: all hold (stock never negative, no order both paid and cancelled, each payment charged once, every order one stock decision, read model = orders, every paid order notified)"
+            )
         } else {
             writeln!(f, "INVARIANTS FAILED:")?;
             for x in &self.failures {
@@ -243,7 +302,11 @@ impl Driver {
                     return r.json::<Order>().await.context("order JSON");
                 }
                 Ok(r) if r.status().is_client_error() => {
-                    anyhow::bail!("POST /orders: {} {}", r.status(), r.text().await.unwrap_or_default())
+                    anyhow::bail!(
+                        "POST /orders: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )
                 }
                 _ if Instant::now() > deadline => anyhow::bail!("POST /orders: no answer in 20 s"),
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -263,8 +326,12 @@ impl Driver {
             match sent {
                 Ok(r) if r.status() == StatusCode::OK => return Ok(true),
                 Ok(r) if r.status() == StatusCode::CONFLICT => return Ok(false),
-                Ok(r) if r.status() == StatusCode::NOT_FOUND => anyhow::bail!("order {id}: not found"),
-                _ if Instant::now() > deadline => anyhow::bail!("order {id}: payment undecided after 30 s"),
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                    anyhow::bail!("order {id}: not found")
+                }
+                _ if Instant::now() > deadline => {
+                    anyhow::bail!("order {id}: payment undecided after 30 s")
+                }
                 _ => tokio::time::sleep(Duration::from_millis(150)).await,
             }
         }
@@ -285,7 +352,10 @@ impl Driver {
         let key = format!("demo-{}-{i}", self.cfg.seed);
         let order = if plan.duplicate_create {
             // The same request twice at once, as a client that timed out and retried would.
-            let (a, b) = tokio::join!(self.create(&key, &plan.order), self.create(&key, &plan.order));
+            let (a, b) = tokio::join!(
+                self.create(&key, &plan.order),
+                self.create(&key, &plan.order)
+            );
             let (a, b) = (a?, b?);
             anyhow::ensure!(a.id == b.id, "a retried POST /orders made a second order");
             a
@@ -327,15 +397,30 @@ impl Driver {
 
 /// Publishes copies of already-delivered events with their original message ids, as a broker
 /// redelivery or an operator's replay would.
-/// Returns how many deliveries the copies make (one per queue they reach).
+/// An order with the ids of the messages the relay published for it.
+#[derive(sqlx::FromRow)]
+struct Published {
+    id: i64,
+    sku: String,
+    quantity: i32,
+    amount_cents: i64,
+    created_at: chrono::DateTime<chrono::Utc>,
+    created_message_id: Option<i64>,
+    paid_message_id: Option<i64>,
+    charge_id: Option<String>,
+}
+
+/// Returns the copies sent and how many deliveries they make (one per queue they reach).
 async fn republish(cfg: &DemoConfig, pool: &PgPool, sample: &[i64]) -> anyhow::Result<(u64, u64)> {
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default())
         .await
         .context("connect to AMQP_URL")?;
     let channel = conn.create_channel().await?;
     // Confirms: count a duplicate only once the broker has it.
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let rows: Vec<(i64, String, i32, i64, chrono::DateTime<chrono::Utc>, Option<i64>, Option<i64>, Option<String>)> =
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let rows: Vec<Published> =
         sqlx::query_as(
             "SELECT id, sku, quantity, amount_cents, created_at, created_message_id, paid_message_id, charge_id \
              FROM shop.orders WHERE id = ANY($1)",
@@ -344,14 +429,36 @@ async fn republish(cfg: &DemoConfig, pool: &PgPool, sample: &[i64]) -> anyhow::R
         .fetch_all(pool)
         .await?;
     let (mut sent, mut deliveries) = (0, 0);
-    for (id, sku, quantity, amount_cents, created_at, created_msg, paid_msg, charge_id) in rows {
+    for Published {
+        id,
+        sku,
+        quantity,
+        amount_cents,
+        created_at,
+        created_message_id: created_msg,
+        paid_message_id: paid_msg,
+        charge_id,
+    } in rows
+    {
         let mut copies: Vec<(i64, &str, Vec<u8>)> = Vec::new();
         if let Some(m) = created_msg {
-            let e = OrderEvent { order_id: id, sku, quantity, amount_cents, created_at, reason: None };
+            let e = OrderEvent {
+                order_id: id,
+                sku,
+                quantity,
+                amount_cents,
+                created_at,
+                reason: None,
+            };
             copies.push((m, events::ORDER_CREATED, serde_json::to_vec(&e)?));
         }
         if let (Some(m), Some(charge_id)) = (paid_msg, charge_id) {
-            let e = OrderPaid { order_id: id, amount_cents, charge_id, created_at };
+            let e = OrderPaid {
+                order_id: id,
+                amount_cents,
+                charge_id,
+                created_at,
+            };
             copies.push((m, events::ORDER_PAID, serde_json::to_vec(&e)?));
         }
         for (message_id, routing_key, payload) in copies {
@@ -378,7 +485,11 @@ async fn republish(cfg: &DemoConfig, pool: &PgPool, sample: &[i64]) -> anyhow::R
                 .await?;
             sent += 1;
             // order.created reaches inventory and the read model; order.paid the read model.
-            deliveries += if routing_key == events::ORDER_CREATED { 2 } else { 1 };
+            deliveries += if routing_key == events::ORDER_CREATED {
+                2
+            } else {
+                1
+            };
         }
     }
     let _ = conn.close(200, "done".into()).await;
@@ -432,25 +543,37 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
         counters: Counters::default(),
     });
 
-    let results: Vec<anyhow::Result<(i64, Fate)>> = futures::stream::iter(plans(&cfg).into_iter().enumerate())
-        .map(|(i, plan)| {
-            let d = driver.clone();
-            async move { d.one(i, plan).await }
-        })
-        .buffer_unordered(cfg.concurrency.max(1))
-        .collect()
-        .await;
+    let results: Vec<anyhow::Result<(i64, Fate)>> =
+        futures::stream::iter(plans(&cfg).into_iter().enumerate())
+            .map(|(i, plan)| {
+                let d = driver.clone();
+                async move { d.one(i, plan).await }
+            })
+            .buffer_unordered(cfg.concurrency.max(1))
+            .collect()
+            .await;
     let mut placed = Vec::new();
     for r in results {
         placed.push(r?);
     }
 
     // Duplicates of delivered events: every 10th order's created and paid messages.
-    let sample: Vec<i64> = placed.iter().map(|(id, _)| *id).filter(|id| id % 10 == 3).collect();
+    let sample: Vec<i64> = placed
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| id % 10 == 3)
+        .collect();
     let (republished, duplicate_deliveries) = republish(&cfg, &pool, &sample).await?;
-    driver.counters.republished.store(republished, Ordering::Relaxed);
+    driver
+        .counters
+        .republished
+        .store(republished, Ordering::Relaxed);
 
-    let late: Vec<i64> = placed.iter().filter(|(_, f)| *f == Fate::PayLate).map(|(id, _)| *id).collect();
+    let late: Vec<i64> = placed
+        .iter()
+        .filter(|(_, f)| *f == Fate::PayLate)
+        .map(|(id, _)| *id)
+        .collect();
     let late_results: Vec<anyhow::Result<()>> = futures::stream::iter(late)
         .map(|id| {
             let d = driver.clone();
@@ -464,15 +587,19 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
     }
 
     let deadline = Instant::now() + cfg.settle_deadline;
-    wait_until(deadline, "every order paid or cancelled, outbox empty", || async {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM shop.orders WHERE status IN ('pending', 'paying')) \
+    wait_until(
+        deadline,
+        "every order paid or cancelled, outbox empty",
+        || async {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM shop.orders WHERE status IN ('pending', 'paying')) \
                   + (SELECT count(*) FROM outbox.messages)",
-        )
-        .fetch_one(&pool)
-        .await?;
-        Ok(open == 0)
-    })
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok(open == 0)
+        },
+    )
     .await?;
     wait_until(deadline, "one stock decision per order, cancellations released", || async {
         let missing: i64 = sqlx::query_scalar(
@@ -500,18 +627,30 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
     })
     .await?;
     let http = driver.http.clone();
-    let paid_count: i64 = sqlx::query_scalar("SELECT count(*) FROM shop.orders WHERE status = 'paid'")
-        .fetch_one(&pool)
-        .await?;
+    let paid_count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM shop.orders WHERE status = 'paid'")
+            .fetch_one(&pool)
+            .await?;
     wait_until(deadline, "every paid order notified", || async {
-        let s: ReceiverStats = http.get(format!("{}/stats", cfg.receiver_url)).send().await?.json().await?;
+        let s: ReceiverStats = http
+            .get(format!("{}/stats", cfg.receiver_url))
+            .send()
+            .await?
+            .json()
+            .await?;
         Ok(s.delivered as i64 >= paid_count)
     })
     .await?;
     // Each republished copy reaches one or two queues; wait until the inboxes have seen them.
     let expected_dups = duplicate_deliveries;
     wait_until(deadline, "republished duplicates consumed", || async {
-        Ok(scrape(&http, &cfg.workers_metrics_url, "consumer_messages_duplicate_total").await >= expected_dups)
+        Ok(scrape(
+            &http,
+            &cfg.workers_metrics_url,
+            "consumer_messages_duplicate_total",
+        )
+        .await
+            >= expected_dups)
     })
     .await?;
 
@@ -520,9 +659,24 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
     Ok(s)
 }
 
-async fn summarise(cfg: &DemoConfig, pool: &PgPool, http: &reqwest::Client, c: &Counters) -> anyhow::Result<Summary> {
-    let provider: ProviderStats = http.get(format!("{}/stats", cfg.provider_url)).send().await?.json().await?;
-    let receiver: ReceiverStats = http.get(format!("{}/stats", cfg.receiver_url)).send().await?.json().await?;
+async fn summarise(
+    cfg: &DemoConfig,
+    pool: &PgPool,
+    http: &reqwest::Client,
+    c: &Counters,
+) -> anyhow::Result<Summary> {
+    let provider: ProviderStats = http
+        .get(format!("{}/stats", cfg.provider_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let receiver: ReceiverStats = http
+        .get(format!("{}/stats", cfg.receiver_url))
+        .send()
+        .await?
+        .json()
+        .await?;
     let (created, paid, cancelled, revenue, withdrawn, both): (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), count(*) FILTER (WHERE status = 'cancelled'), \
                 coalesce(sum(amount_cents) FILTER (WHERE status = 'paid'), 0)::bigint, \
@@ -571,7 +725,9 @@ async fn summarise(cfg: &DemoConfig, pool: &PgPool, http: &reqwest::Client, c: &
             failures.push(format!("stock of {sku} is negative: {left}"));
         }
         if initial - left != *held {
-            failures.push(format!("stock of {sku}: {initial} - {left} left != {held} reserved (applied twice or lost)"));
+            failures.push(format!(
+                "stock of {sku}: {initial} - {left} left != {held} reserved (applied twice or lost)"
+            ));
         }
     }
     if both > 0 {
@@ -590,27 +746,47 @@ async fn summarise(cfg: &DemoConfig, pool: &PgPool, http: &reqwest::Client, c: &
             "paid" if provider.amount_per_order.get(id) != Some(amount) => {
                 failures.push(format!("order {id} charged another amount than {amount}"))
             }
-            "cancelled" if n != 0 => failures.push(format!("order {id} cancelled but charged {n} times")),
+            "cancelled" if n != 0 => {
+                failures.push(format!("order {id} cancelled but charged {n} times"))
+            }
             _ => {}
         }
     }
     if provider.charges as i64 != paid {
-        failures.push(format!("{} charges at the provider for {paid} paid orders", provider.charges));
+        failures.push(format!(
+            "{} charges at the provider for {paid} paid orders",
+            provider.charges
+        ));
     }
     if read_model != (created, paid, cancelled, revenue) {
         failures.push(format!("read model {read_model:?} disagrees with the orders ({created}, {paid}, {cancelled}, {revenue})"));
     }
     let late_accepted = c.late_accepted.load(Ordering::Relaxed);
     if late_accepted > 0 {
-        failures.push(format!("{late_accepted} payments accepted after the order was cancelled"));
+        failures.push(format!(
+            "{late_accepted} payments accepted after the order was cancelled"
+        ));
     }
-    let paid_ids: Vec<i64> = orders.iter().filter(|o| o.1 == "paid").map(|o| o.0).collect();
-    let unnotified = paid_ids.iter().filter(|id| !receiver.paid_orders.contains(id)).count();
+    let paid_ids: Vec<i64> = orders
+        .iter()
+        .filter(|o| o.1 == "paid")
+        .map(|o| o.0)
+        .collect();
+    let unnotified = paid_ids
+        .iter()
+        .filter(|id| !receiver.paid_orders.contains(id))
+        .count();
     if unnotified > 0 || receiver.paid_orders.len() != paid_ids.len() {
-        failures.push(format!("{unnotified} paid orders not notified; {} notified in all", receiver.paid_orders.len()));
+        failures.push(format!(
+            "{unnotified} paid orders not notified; {} notified in all",
+            receiver.paid_orders.len()
+        ));
     }
     if receiver.bad_signatures > 0 {
-        failures.push(format!("{} webhooks with a bad signature", receiver.bad_signatures));
+        failures.push(format!(
+            "{} webhooks with a bad signature",
+            receiver.bad_signatures
+        ));
     }
 
     Ok(Summary {
@@ -621,8 +797,18 @@ async fn summarise(cfg: &DemoConfig, pool: &PgPool, http: &reqwest::Client, c: &
         timeouts_withdrawn: withdrawn,
         late_payments_refused: c.late_refused.load(Ordering::Relaxed),
         duplicate_pay_requests: c.duplicate_pay.load(Ordering::Relaxed),
-        gateway_replays: scrape(http, &cfg.gateway_metrics_url, "gateway_idempotency_replays_total").await,
-        gateway_in_flight: scrape(http, &cfg.gateway_metrics_url, "gateway_idempotency_conflicts_total").await,
+        gateway_replays: scrape(
+            http,
+            &cfg.gateway_metrics_url,
+            "gateway_idempotency_replays_total",
+        )
+        .await,
+        gateway_in_flight: scrape(
+            http,
+            &cfg.gateway_metrics_url,
+            "gateway_idempotency_conflicts_total",
+        )
+        .await,
         provider_dedupes: provider.deduplicated,
         stale_tokens: provider.stale_fencing_tokens,
         charges: provider.charges,
@@ -631,9 +817,24 @@ async fn summarise(cfg: &DemoConfig, pool: &PgPool, http: &reqwest::Client, c: &
         gateway_retries: scrape(http, &cfg.gateway_metrics_url, "gateway_retries_total").await,
         published: scrape(http, &cfg.relay_metrics_url, "outbox_relay_published_total").await,
         republished: c.republished.load(Ordering::Relaxed),
-        duplicates_suppressed: scrape(http, &cfg.workers_metrics_url, "consumer_messages_duplicate_total").await,
-        applied: scrape(http, &cfg.workers_metrics_url, "consumer_messages_processed_total").await,
-        consumer_retries: scrape(http, &cfg.workers_metrics_url, "consumer_messages_retried_total").await,
+        duplicates_suppressed: scrape(
+            http,
+            &cfg.workers_metrics_url,
+            "consumer_messages_duplicate_total",
+        )
+        .await,
+        applied: scrape(
+            http,
+            &cfg.workers_metrics_url,
+            "consumer_messages_processed_total",
+        )
+        .await,
+        consumer_retries: scrape(
+            http,
+            &cfg.workers_metrics_url,
+            "consumer_messages_retried_total",
+        )
+        .await,
         reserved,
         rejected,
         released,

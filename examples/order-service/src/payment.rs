@@ -95,7 +95,10 @@ impl PaymentClient {
                 };
             }
             let text = response.text().await.unwrap_or_default();
-            last = format!("HTTP {status}: {}", text.chars().take(200).collect::<String>());
+            last = format!(
+                "HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            );
             if status.is_server_error() || status.as_u16() == 409 || status.as_u16() == 429 {
                 continue;
             }

@@ -189,7 +189,10 @@ async fn settle(
     // Checked again at the write: a request that outlived the gateway's timeout must not charge
     // once a newer request for the order has started (Kleppmann's fencing).
     if let Some(t) = token
-        && inner.max_token.get(&req.order_id).is_some_and(|seen| t < *seen)
+        && inner
+            .max_token
+            .get(&req.order_id)
+            .is_some_and(|seen| t < *seen)
     {
         inner.stats.stale_fencing_tokens += 1;
         return answer(

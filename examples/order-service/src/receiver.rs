@@ -78,13 +78,14 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 
 async fn hook(State(receiver): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let id = header(&headers, "webhook-id");
-    let timestamp = header(&headers, "webhook-timestamp").parse::<i64>().unwrap_or(0);
+    let timestamp = header(&headers, "webhook-timestamp")
+        .parse::<i64>()
+        .unwrap_or(0);
     let signature = header(&headers, "webhook-signature");
     let attempt = header(&headers, "webhook-attempt");
     let mut inner = receiver.0.lock().expect("receiver lock");
     let now = chrono::Utc::now().timestamp();
-    if notifier::signer::verify(&inner.secret, id, timestamp, &body, signature, now, 300).is_err()
-    {
+    if notifier::signer::verify(&inner.secret, id, timestamp, &body, signature, now, 300).is_err() {
         inner.stats.bad_signatures += 1;
         return StatusCode::UNAUTHORIZED;
     }

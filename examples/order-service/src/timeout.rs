@@ -24,23 +24,26 @@ impl Handler for CancelUnpaid {
         let id = message.payload.order_id;
         // Only `pending` is cancelled: the row lock orders this against the payment's own
         // `pending → paying` claim, so exactly one of them wins.
-        let cancelled: Option<OrderEvent> = sqlx::query_as::<_, (i64, String, i32, i64, chrono::DateTime<chrono::Utc>)>(
-            "UPDATE shop.orders SET status = 'cancelled', cancelled_at = clock_timestamp(), \
+        let cancelled: Option<OrderEvent> =
+            sqlx::query_as::<_, (i64, String, i32, i64, chrono::DateTime<chrono::Utc>)>(
+                "UPDATE shop.orders SET status = 'cancelled', cancelled_at = clock_timestamp(), \
                  cancel_reason = 'payment timeout' \
              WHERE id = $1 AND status = 'pending' \
              RETURNING id, sku, quantity, amount_cents, created_at",
-        )
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .map(|(order_id, sku, quantity, amount_cents, created_at)| OrderEvent {
-            order_id,
-            sku,
-            quantity,
-            amount_cents,
-            created_at,
-            reason: Some("payment timeout".into()),
-        });
+            )
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(
+                |(order_id, sku, quantity, amount_cents, created_at)| OrderEvent {
+                    order_id,
+                    sku,
+                    quantity,
+                    amount_cents,
+                    created_at,
+                    reason: Some("payment timeout".into()),
+                },
+            );
         if let Some(event) = cancelled {
             sqlx::query(
                 "SELECT outbox.enqueue(exchange => $1, routing_key => $2, payload => $3, \

@@ -118,7 +118,9 @@ pub async fn run(
     });
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
-        let result = joined.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into));
+        let result = joined
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(Into::into));
         if let Err(e) = result {
             tracing::error!(cause = %e, "consumer stopped");
             shutdown.cancel();
