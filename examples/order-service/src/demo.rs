@@ -73,6 +73,10 @@ pub struct Summary {
     pub timeouts_withdrawn: i64,
     /// Payments attempted after the timeout, refused with 409.
     pub late_payments_refused: u64,
+    /// Payments sent right at the timeout that won (paid).
+    pub race_paid: u64,
+    /// Payments sent right at the timeout that lost (order cancelled, refused).
+    pub race_refused: u64,
     /// Concurrent duplicate `POST /orders/{id}/pay` sent.
     pub duplicate_pay_requests: u64,
     /// Gateway replays of a stored response.
@@ -125,81 +129,125 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let row = |f: &mut fmt::Formatter<'_>, label: &str, value: String, note: String| {
+            writeln!(f, "  {label:<30} {value:>7}   {note}")
+        };
         let (rc, rp, rx, rev) = self.read_model;
-        writeln!(
-            f,
-            "order-service demo summary ({:.1} s)",
-            self.elapsed.as_secs_f64()
-        )?;
-        writeln!(
-            f,
-            "  orders created                  {:>6}   (+{} client retries answered with the first order)",
-            self.orders_created, self.create_retries_absorbed
-        )?;
-        writeln!(
-            f,
-            "  paid                            {:>6}   ({} timeouts withdrawn before publishing)",
-            self.paid, self.timeouts_withdrawn
-        )?;
-        writeln!(
-            f,
-            "  timed out and cancelled         {:>6}   ({} late payments refused)",
-            self.timed_out, self.late_payments_refused
-        )?;
         let prevented = self.gateway_replays
             + self.gateway_in_flight
             + self.provider_dedupes
             + self.stale_tokens;
         writeln!(
             f,
-            "  duplicate charges prevented     {:>6}   (gateway replays {}, in-flight 409s {}, provider key dedupes {}, stale fencing tokens {}; {} duplicate pay requests sent)",
-            prevented,
-            self.gateway_replays,
-            self.gateway_in_flight,
-            self.provider_dedupes,
-            self.stale_tokens,
-            self.duplicate_pay_requests
+            "order-service demo: {} orders in {:.1} s",
+            self.orders_created,
+            self.elapsed.as_secs_f64()
         )?;
-        writeln!(
+        row(
             f,
-            "  charges at the provider         {:>6}   ({} failures and {} slow answers injected, {} gateway retries)",
-            self.charges, self.provider_failures, self.provider_slow, self.gateway_retries
+            "orders created",
+            self.orders_created.to_string(),
+            format!(
+                "{} client retries answered with the first order",
+                self.create_retries_absorbed
+            ),
         )?;
-        writeln!(
+        row(
             f,
-            "  messages published             {:>6}   (relay, with publisher confirms)",
-            self.published
+            "paid",
+            self.paid.to_string(),
+            format!(
+                "{} timeouts withdrawn before publishing; {} paid racing the timeout",
+                self.timeouts_withdrawn, self.race_paid
+            ),
         )?;
-        writeln!(
+        row(
             f,
-            "  duplicates suppressed           {:>6}   ({} messages republished by hand; {} applied, {} consumer retries)",
-            self.duplicates_suppressed, self.republished, self.applied, self.consumer_retries
+            "timed out and cancelled",
+            self.timed_out.to_string(),
+            format!(
+                "{} late payments refused, {} lost the race to the timeout",
+                self.late_payments_refused, self.race_refused
+            ),
         )?;
-        writeln!(
+        row(
             f,
-            "  stock                           reserved {}, rejected (insufficient) {}, released by cancellation {}",
-            self.reserved, self.rejected, self.released
+            "duplicate charges prevented",
+            prevented.to_string(),
+            format!(
+                "gateway replays {}, gateway 409s {}, provider key dedupes {}, stale fencing tokens {}",
+                self.gateway_replays,
+                self.gateway_in_flight,
+                self.provider_dedupes,
+                self.stale_tokens
+            ),
         )?;
-        writeln!(
+        row(
             f,
-            "  notifications delivered         {:>6}   ({} attempts, signatures verified)",
-            self.notifications_delivered, self.notification_attempts
+            "charges at the provider",
+            self.charges.to_string(),
+            format!(
+                "{} failures and {} slow answers injected, {} gateway retries, {} double pay clicks",
+                self.provider_failures,
+                self.provider_slow,
+                self.gateway_retries,
+                self.duplicate_pay_requests
+            ),
         )?;
-        writeln!(
+        row(
             f,
-            "  read model (all days)           created {rc}, paid {rp}, cancelled {rx}, revenue {}.{:02}",
-            rev / 100,
-            rev % 100
+            "messages published",
+            self.published.to_string(),
+            "by the relay, with publisher confirms".into(),
         )?;
-        writeln!(
+        row(
             f,
-            "  order-to-stock latency          p50 {:.1} ms, p99 {:.1} ms",
-            self.p50_ms, self.p99_ms
+            "duplicates suppressed",
+            self.duplicates_suppressed.to_string(),
+            format!(
+                "{} copies republished by hand; {} messages applied once, {} consumer retries",
+                self.republished, self.applied, self.consumer_retries
+            ),
+        )?;
+        row(
+            f,
+            "stock decisions",
+            (self.reserved + self.rejected + self.released).to_string(),
+            format!(
+                "reserved {}, rejected (insufficient) {}, released by cancellation {}",
+                self.reserved, self.rejected, self.released
+            ),
+        )?;
+        row(
+            f,
+            "notifications delivered",
+            self.notifications_delivered.to_string(),
+            format!(
+                "signed webhooks verified; {} attempts",
+                self.notification_attempts
+            ),
+        )?;
+        row(
+            f,
+            "read model (GET /reports/daily)",
+            rc.to_string(),
+            format!(
+                "created; paid {rp}, cancelled {rx}, revenue {}.{:02}",
+                rev / 100,
+                rev % 100
+            ),
+        )?;
+        row(
+            f,
+            "order-to-stock latency",
+            format!("{:.0} ms", self.p50_ms),
+            format!("p50; p99 {:.0} ms", self.p99_ms),
         )?;
         if self.failures.is_empty() {
             write!(
                 f,
-                "invariants: all hold (stock never negative, no order both paid and cancelled, each payment charged once, every order one stock decision, read model = orders, every paid order notified)"
+                "invariants: all hold (stock never negative and conserved, no order both paid and cancelled, \
+                       each payment charged once, one stock decision per order, read model = orders, every paid order notified)"
             )
         } else {
             writeln!(f, "INVARIANTS FAILED:")?;
@@ -214,6 +262,8 @@ impl fmt::Display for Summary {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fate {
     PayNow,
+    /// Pay within a few hundred milliseconds of the payment timeout: either may win.
+    PayAtDeadline,
     PayLate,
     NeverPay,
 }
@@ -246,8 +296,10 @@ fn plans(cfg: &DemoConfig) -> Vec<Plan> {
             };
             let quantity: i32 = rng.random_range(1..=3);
             let r: f64 = rng.random();
-            let fate = if r < 0.78 {
+            let fate = if r < 0.74 {
                 Fate::PayNow
+            } else if r < 0.78 {
+                Fate::PayAtDeadline
             } else if r < 0.85 {
                 Fate::PayLate
             } else {
@@ -273,6 +325,8 @@ struct Counters {
     late_refused: AtomicU64,
     duplicate_pay: AtomicU64,
     late_accepted: AtomicU64,
+    race_paid: AtomicU64,
+    race_refused: AtomicU64,
     republished: AtomicU64,
 }
 
@@ -280,6 +334,8 @@ struct Driver {
     cfg: DemoConfig,
     http: reqwest::Client,
     counters: Counters,
+    /// Payments racing the timeout, running apart so they hold no client slot while waiting.
+    racing: std::sync::Mutex<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>>,
 }
 
 impl Driver {
@@ -348,7 +404,7 @@ impl Driver {
             .await?)
     }
 
-    async fn one(&self, i: usize, plan: Plan) -> anyhow::Result<(i64, Fate)> {
+    async fn one(self: Arc<Self>, i: usize, plan: Plan) -> anyhow::Result<(i64, Fate)> {
         let key = format!("demo-{}-{i}", self.cfg.seed);
         let order = if plan.duplicate_create {
             // The same request twice at once, as a client that timed out and retried would.
@@ -362,6 +418,23 @@ impl Driver {
         } else {
             self.create(&key, &plan.order).await?
         };
+        if plan.fate == Fate::PayAtDeadline {
+            let offset_ms = (order.id % 7) * 100 - 300;
+            let wait = self.cfg.payment_timeout.as_millis() as i64 + offset_ms;
+            let d = self.clone();
+            let id = order.id;
+            let race = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+                let counter = if d.pay(id).await? {
+                    &d.counters.race_paid
+                } else {
+                    &d.counters.race_refused
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            });
+            self.racing.lock().expect("racing lock").push(race);
+        }
         if plan.fate == Fate::PayNow {
             if plan.duplicate_pay {
                 self.counters.duplicate_pay.fetch_add(1, Ordering::Relaxed);
@@ -541,6 +614,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
             .timeout(Duration::from_secs(15))
             .build()?,
         counters: Counters::default(),
+        racing: Default::default(),
     });
 
     let results: Vec<anyhow::Result<(i64, Fate)>> =
@@ -584,6 +658,10 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
         .await;
     for r in late_results {
         r?;
+    }
+    let racing = std::mem::take(&mut *driver.racing.lock().expect("racing lock"));
+    for race in racing {
+        race.await??;
     }
 
     let deadline = Instant::now() + cfg.settle_deadline;
@@ -699,13 +777,22 @@ async fn summarise(
     )
     .fetch_one(pool)
     .await?;
-    let read_model: (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(orders_created), 0)::bigint, coalesce(sum(orders_paid), 0)::bigint, \
-                coalesce(sum(orders_cancelled), 0)::bigint, coalesce(sum(revenue_cents), 0)::bigint \
-         FROM reporting.daily_totals",
-    )
-    .fetch_one(pool)
-    .await?;
+    // The query side, read the way a client would: through the service.
+    let days: Vec<crate::api::DailyTotals> = http
+        .get(format!("{}/reports/daily", cfg.api_url))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let read_model = days.iter().fold((0, 0, 0, 0), |t, d| {
+        (
+            t.0 + d.orders_created,
+            t.1 + d.orders_paid,
+            t.2 + d.orders_cancelled,
+            t.3 + d.revenue_cents,
+        )
+    });
     let notification_attempts: i64 =
         sqlx::query_scalar("SELECT coalesce(sum(attempts), 0)::bigint FROM notify.notifications")
             .fetch_one(pool)
@@ -796,6 +883,8 @@ async fn summarise(
         timed_out: cancelled,
         timeouts_withdrawn: withdrawn,
         late_payments_refused: c.late_refused.load(Ordering::Relaxed),
+        race_paid: c.race_paid.load(Ordering::Relaxed),
+        race_refused: c.race_refused.load(Ordering::Relaxed),
         duplicate_pay_requests: c.duplicate_pay.load(Ordering::Relaxed),
         gateway_replays: scrape(
             http,

@@ -7,6 +7,7 @@
 //! order-service provider                     # the fake payment provider
 //! order-service receiver --secret S          # the merchant's webhook receiver
 //! order-service drive --orders 1000 ...      # the demo driver: load, summary, invariants
+//! order-service remove-queues                # delete the workers' queues and the exchange
 //! ```
 
 use std::net::SocketAddr;
@@ -78,6 +79,12 @@ enum Command {
         queue_prefix: String,
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+    },
+    /// Delete the workers' queues and the exchange (after a demo run).
+    RemoveQueues {
+        /// Prefix of the queue names, as given to `workers`.
+        #[arg(long, default_value = "")]
+        queue_prefix: String,
     },
     /// The fake payment provider.
     Provider {
@@ -228,6 +235,17 @@ async fn main() -> anyhow::Result<()> {
             workers::run(config, db, ready, shutdown.clone()).await?;
             shutdown.cancel();
             http.await.context("metrics server")??;
+        }
+        Command::RemoveQueues { queue_prefix } => {
+            let config = workers::WorkersConfig {
+                amqp_url: cli.amqp_url,
+                exchange: cli.exchange,
+                queue_prefix,
+                concurrency: 1,
+            };
+            workers::remove_topology(&config)
+                .await
+                .context("remove the demo's queues")?;
         }
         Command::Provider {
             listen,

@@ -163,3 +163,26 @@ async fn queues_exist(amqp_url: &str, queues: &[String]) -> bool {
     let _ = conn.close(200, "checked".into()).await;
     all
 }
+
+/// Deletes the workers' queues and the order exchange: a demo run's broker objects, removed
+/// once its processes have stopped so repeated runs leave nothing behind.
+pub async fn remove_topology(config: &WorkersConfig) -> anyhow::Result<()> {
+    use consumer_lib::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
+    for q in config.queues() {
+        // One channel per delete: deleting a queue that is already gone closes the channel.
+        let channel = conn.create_channel().await?;
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let channel = conn.create_channel().await?;
+    let _ = channel
+        .exchange_delete(
+            config.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(200, "removed".into()).await;
+    Ok(())
+}

@@ -272,5 +272,12 @@ secret = "{secret}"
         "{summary}"
     );
     drop(children);
+    let _ = order_service::workers::remove_topology(&order_service::workers::WorkersConfig {
+        amqp_url: amqp_url(),
+        exchange,
+        queue_prefix,
+        concurrency: 1,
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
