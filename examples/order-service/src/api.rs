@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -175,8 +176,10 @@ fn validate(order: &NewOrder) -> Result<(), Problem> {
 async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(new): Json<NewOrder>,
+    body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<Response, Problem> {
+    // serde's message names the field ("quantity: invalid type: string ...").
+    let Json(new) = body.map_err(|e| Problem::new(e.status(), e.body_text()))?;
     validate(&new)?;
     let key = match headers.get("idempotency-key") {
         None => None,
