@@ -87,11 +87,7 @@ impl Handler for Effect {
 }
 
 /// consumer-lib draining `n` messages from `queue`; returns msg/s.
-async fn library_drain(
-    db: &integration_tests::TestDb,
-    queue: &str,
-    n: u64,
-) -> anyhow::Result<f64> {
+async fn library_drain(db: &integration_tests::TestDb, queue: &str, n: u64) -> anyhow::Result<f64> {
     let pool = PgPoolOptions::new()
         .max_connections(CONCURRENCY as u32 + 2)
         .connect(&db.url)
@@ -127,7 +123,10 @@ async fn library_drain(
     let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_effects")
         .fetch_one(&pool)
         .await?;
-    anyhow::ensure!(effects as u64 == n, "{effects} effect rows for {n} messages");
+    anyhow::ensure!(
+        effects as u64 == n,
+        "{effects} effect rows for {n} messages"
+    );
     pool.close().await;
     Ok(rate)
 }
@@ -178,6 +177,8 @@ async fn commit_ceiling(
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
         let (pool, next_id) = (pool.clone(), next_id.clone());
+        // Each run its own inbox consumer name, as ids start at 1 again.
+        let name = format!("ceiling_{per_tx}");
         tasks.push(tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
             let mut n = 0u64;
@@ -187,8 +188,9 @@ async fn commit_ceiling(
                 for _ in 0..per_tx {
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
                     sqlx::query(
-                        "INSERT INTO inbox.processed (consumer, message_id) VALUES ('ceiling', $1)",
+                        "INSERT INTO inbox.processed (consumer, message_id) VALUES ($1, $2)",
                     )
+                    .bind(&name)
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;

@@ -271,7 +271,12 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         "warm-up",
         &Load {
             idempotency_prefix: Some(format!("{run_id}-warm")),
-            ..Load::post(redis_gateway.addr, "/idem/x", CONNECTIONS, Duration::from_millis(300))
+            ..Load::post(
+                redis_gateway.addr,
+                "/idem/x",
+                CONNECTIONS,
+                Duration::from_millis(300),
+            )
         },
     )
     .await?;

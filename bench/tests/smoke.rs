@@ -65,7 +65,9 @@ async fn consumer_scenario_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_scenario_runs() {
     let mut report = Report::default();
-    bench::gateway::run(Scale::Smoke, &mut report).await.unwrap();
+    bench::gateway::run(Scale::Smoke, &mut report)
+        .await
+        .unwrap();
     assert_figures(
         &report,
         &[
