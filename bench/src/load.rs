@@ -211,7 +211,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut next = started + every;
-    while !producers.is_finished() {
+    // Samples only inside the producing window: one taken after it would show the drained
+    // tail, not the backlog under load.
+    while next <= started + secs {
         tokio::time::sleep_until(next.into()).await;
         next += every;
         relay.ensure_running()?;
