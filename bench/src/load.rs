@@ -204,11 +204,12 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         gateway.process.rss_mib()?,
     ];
 
-    // Gateway traffic alongside: paced idempotent POSTs, a tenth of the message rate.
+    // Gateway traffic alongside: paced idempotent POSTs, a tenth of the message rate, on
+    // enough connections (8) that a slow store answer does not lower the offered rate.
     let gateway_load = Load {
         rate: Some(rate / 10.0),
         idempotency_prefix: Some(integration_tests::unique_name("load")),
-        ..Load::post(gateway.addr, "/idem/x", 2, secs)
+        ..Load::post(gateway.addr, "/idem/x", 8, secs)
     };
     let gateway_task = tokio::spawn(async move { run_checked("gateway", &gateway_load).await });
     let producers = tokio::spawn(produce(db.url.clone(), exchange.clone(), rate, secs));
