@@ -115,6 +115,70 @@ CREATE TABLE outbox.dead_letters (
 CREATE FUNCTION outbox.max_payload_bytes() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 4 * 1024 * 1024 $$;
 
+-- The checks every entry point applies to a message (enqueue, the Rust producer, prepare), so a
+-- message accepted by one is never refused by another. `caller` prefixes the error message.
+CREATE FUNCTION outbox.validate_message(
+    caller text,
+    p_exchange text,
+    p_routing_key text,
+    p_payload bytea,
+    p_headers jsonb,
+    p_content_type text,
+    p_ordering_key text,
+    p_deliver_at timestamptz
+) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_exchange IS NULL THEN
+        RAISE EXCEPTION '%: exchange must not be NULL (use '''' for the default exchange)', caller
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(p_exchange) > 255 THEN
+        RAISE EXCEPTION '%: exchange is % bytes, at most 255 allowed', caller, octet_length(p_exchange)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_routing_key IS NULL THEN
+        RAISE EXCEPTION '%: routing_key must not be NULL', caller USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(p_routing_key) > 255 THEN
+        RAISE EXCEPTION '%: routing_key is % bytes, at most 255 allowed', caller, octet_length(p_routing_key)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_exchange = '' AND p_routing_key = '' THEN
+        RAISE EXCEPTION '%: routing_key must name a queue when exchange is the default exchange ('''')', caller
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_payload IS NULL THEN
+        RAISE EXCEPTION '%: payload must not be NULL (use ''''::bytea for an empty body)', caller
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF octet_length(p_payload) > outbox.max_payload_bytes() THEN
+        RAISE EXCEPTION '%: payload is % bytes, at most % allowed', caller,
+            octet_length(p_payload), outbox.max_payload_bytes()
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
+        RAISE EXCEPTION '%: headers must be a JSON object, got %', caller, jsonb_typeof(p_headers)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_headers IS NOT NULL AND octet_length(p_headers::text) > 65536 THEN
+        RAISE EXCEPTION '%: headers are % bytes as JSON, at most 65536 allowed', caller, octet_length(p_headers::text)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF p_content_type IS NOT NULL AND (p_content_type = '' OR octet_length(p_content_type) > 255) THEN
+        RAISE EXCEPTION '%: content_type must be 1 to 255 bytes', caller USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_ordering_key IS NOT NULL AND (p_ordering_key = '' OR octet_length(p_ordering_key) > 255) THEN
+        RAISE EXCEPTION '%: ordering_key must be 1 to 255 bytes (or NULL for none)', caller
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_deliver_at IS NOT NULL AND NOT isfinite(p_deliver_at) THEN
+        RAISE EXCEPTION '%: deliver_at must be a finite time', caller USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+END
+$$;
+
 -- Validates and stores one message with a given id. Used by outbox.enqueue and by the Rust
 -- producer (which brings ids from its leased node). Returns the id stored, or, when a pending
 -- message already has this dedupe key, that message's id (nothing new is stored).
@@ -133,55 +197,11 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     stored bigint;
 BEGIN
-    IF p_exchange IS NULL THEN
-        RAISE EXCEPTION 'outbox.enqueue: exchange must not be NULL (use '''' for the default exchange)'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(p_exchange) > 255 THEN
-        RAISE EXCEPTION 'outbox.enqueue: exchange is % bytes, at most 255 allowed', octet_length(p_exchange)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_routing_key IS NULL THEN
-        RAISE EXCEPTION 'outbox.enqueue: routing_key must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(p_routing_key) > 255 THEN
-        RAISE EXCEPTION 'outbox.enqueue: routing_key is % bytes, at most 255 allowed', octet_length(p_routing_key)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_exchange = '' AND p_routing_key = '' THEN
-        RAISE EXCEPTION 'outbox.enqueue: routing_key must name a queue when exchange is the default exchange ('''')'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_payload IS NULL THEN
-        RAISE EXCEPTION 'outbox.enqueue: payload must not be NULL (use ''''::bytea for an empty body)'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(p_payload) > outbox.max_payload_bytes() THEN
-        RAISE EXCEPTION 'outbox.enqueue: payload is % bytes, at most % allowed',
-            octet_length(p_payload), outbox.max_payload_bytes()
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
-        RAISE EXCEPTION 'outbox.enqueue: headers must be a JSON object, got %', jsonb_typeof(p_headers)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_headers IS NOT NULL AND octet_length(p_headers::text) > 65536 THEN
-        RAISE EXCEPTION 'outbox.enqueue: headers are % bytes as JSON, at most 65536 allowed', octet_length(p_headers::text)
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF p_content_type IS NOT NULL AND (p_content_type = '' OR octet_length(p_content_type) > 255) THEN
-        RAISE EXCEPTION 'outbox.enqueue: content_type must be 1 to 255 bytes' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_ordering_key IS NOT NULL AND (p_ordering_key = '' OR octet_length(p_ordering_key) > 255) THEN
-        RAISE EXCEPTION 'outbox.enqueue: ordering_key must be 1 to 255 bytes (or NULL for none)'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM outbox.validate_message('outbox.enqueue', p_exchange, p_routing_key, p_payload,
+                                    p_headers, p_content_type, p_ordering_key, p_deliver_at);
     IF p_dedupe_key IS NOT NULL AND (p_dedupe_key = '' OR octet_length(p_dedupe_key) > 255) THEN
         RAISE EXCEPTION 'outbox.enqueue: dedupe_key must be 1 to 255 bytes (or NULL for none)'
             USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_deliver_at IS NOT NULL AND NOT isfinite(p_deliver_at) THEN
-        RAISE EXCEPTION 'outbox.enqueue: deliver_at must be a finite time' USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
     INSERT INTO outbox.messages (id, exchange, routing_key, payload, headers, content_type,

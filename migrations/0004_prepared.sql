@@ -79,8 +79,8 @@ CREATE TABLE outbox.prepared_barrier (
     decided_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Stores a prepared message and returns its id. Validates with the same limits as
--- outbox.insert_message, so a message accepted here cannot be refused at commit.
+-- Stores a prepared message and returns its id. Validates with outbox.validate_message, as
+-- outbox.insert_message does, so a message accepted here cannot be refused at commit.
 CREATE FUNCTION outbox.prepare(
     exchange text,
     routing_key text,
@@ -95,52 +95,9 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     new_id bigint;
 BEGIN
-    IF prepare.exchange IS NULL THEN
-        RAISE EXCEPTION 'outbox.prepare: exchange must not be NULL (use '''' for the default exchange)'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(prepare.exchange) > 255 THEN
-        RAISE EXCEPTION 'outbox.prepare: exchange is % bytes, at most 255 allowed', octet_length(prepare.exchange)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.routing_key IS NULL THEN
-        RAISE EXCEPTION 'outbox.prepare: routing_key must not be NULL' USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(prepare.routing_key) > 255 THEN
-        RAISE EXCEPTION 'outbox.prepare: routing_key is % bytes, at most 255 allowed', octet_length(prepare.routing_key)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.exchange = '' AND prepare.routing_key = '' THEN
-        RAISE EXCEPTION 'outbox.prepare: routing_key must name a queue when exchange is the default exchange ('''')'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.payload IS NULL THEN
-        RAISE EXCEPTION 'outbox.prepare: payload must not be NULL (use ''''::bytea for an empty body)'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF octet_length(prepare.payload) > outbox.max_payload_bytes() THEN
-        RAISE EXCEPTION 'outbox.prepare: payload is % bytes, at most % allowed',
-            octet_length(prepare.payload), outbox.max_payload_bytes()
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF prepare.headers IS NOT NULL AND jsonb_typeof(prepare.headers) <> 'object' THEN
-        RAISE EXCEPTION 'outbox.prepare: headers must be a JSON object, got %', jsonb_typeof(prepare.headers)
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.headers IS NOT NULL AND octet_length(prepare.headers::text) > 65536 THEN
-        RAISE EXCEPTION 'outbox.prepare: headers are % bytes as JSON, at most 65536 allowed', octet_length(prepare.headers::text)
-            USING ERRCODE = 'program_limit_exceeded';
-    END IF;
-    IF prepare.content_type IS NOT NULL AND (prepare.content_type = '' OR octet_length(prepare.content_type) > 255) THEN
-        RAISE EXCEPTION 'outbox.prepare: content_type must be 1 to 255 bytes' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.ordering_key IS NOT NULL AND (prepare.ordering_key = '' OR octet_length(prepare.ordering_key) > 255) THEN
-        RAISE EXCEPTION 'outbox.prepare: ordering_key must be 1 to 255 bytes (or NULL for none)'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF prepare.deliver_at IS NOT NULL AND NOT isfinite(prepare.deliver_at) THEN
-        RAISE EXCEPTION 'outbox.prepare: deliver_at must be a finite time' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM outbox.validate_message('outbox.prepare', prepare.exchange, prepare.routing_key,
+                                    prepare.payload, prepare.headers, prepare.content_type,
+                                    prepare.ordering_key, prepare.deliver_at);
     IF prepare.check_url IS NOT NULL
        AND (prepare.check_url !~* '^https?://[^/?#\s]+[^\s]*$' OR octet_length(prepare.check_url) > 2048) THEN
         RAISE EXCEPTION 'outbox.prepare: check_url must be an absolute http:// or https:// URL of at most 2048 bytes'

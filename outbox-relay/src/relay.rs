@@ -132,7 +132,7 @@ async fn run_worker(
                 db_backoff = reconnect_backoff();
                 idle = config.poll_min_ms;
             }
-            Err(BatchError::Database(e)) => {
+            Err(e) => {
                 let delay = db_backoff.next().unwrap_or(Duration::from_secs(5));
                 warn!(worker, cause = %e, retry_in_ms = delay.as_millis() as u64, "database error");
                 sleep_or_shutdown(delay, &shutdown).await;
@@ -153,23 +153,13 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
     }
 }
 
-enum BatchError {
-    Database(sqlx::Error),
-}
-
-impl From<sqlx::Error> for BatchError {
-    fn from(e: sqlx::Error) -> Self {
-        BatchError::Database(e)
-    }
-}
-
 /// One claim → publish → settle cycle. Returns how many rows were claimed.
 async fn relay_batch(
     publisher: &mut Publisher,
     pool: &PgPool,
     limit: i64,
     policy: &RetryPolicy,
-) -> Result<usize, BatchError> {
+) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // The rows this transaction deletes were already confirmed by the broker. If a crash loses
     // the commit, they are simply published again (at least once; consumers dedupe by id), so
