@@ -2,8 +2,9 @@
 //! message, against (a) a raw lapin consumer that only acks (same queue size and prefetch) and
 //! (b) the database's commit ceiling at the same concurrency: 8 connections each doing what
 //! the library does per message (insert an inbox row + insert an effect row + commit) with no
-//! broker (target ≥ 0.8 × (b)). Batching is measured on the database side: K messages' rows
-//! per commit vs one.
+//! broker (target ≥ 0.8 × (b)). Batching is measured twice: the library again with
+//! `batch_size` 50 (its transactions take the deliveries waiting, up to 50), and on the
+//! database side alone, K messages' rows per commit vs one.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,8 +28,11 @@ use crate::{Figure, Report, Scale, broker};
 const CONCURRENCY: usize = 8;
 /// Unacked deliveries in flight, for both consumers (≥ 100, below which prefetch starves).
 const PREFETCH: u16 = 200;
-/// Messages per transaction in the batching comparison.
+/// Messages per transaction in the database-side batching comparison.
 const BATCH: usize = 10;
+/// consumer-lib's `batch_size` in the batched drain: at most this many of the deliveries
+/// waiting per transaction.
+const LIBRARY_BATCH: usize = 50;
 
 /// Publishes `n` persistent messages with `message_id` 1..=n (the library needs positive ids)
 /// and a `{}` body, 1,000 confirms in flight.
@@ -86,8 +90,17 @@ impl Handler for Effect {
     }
 }
 
-/// consumer-lib draining `n` messages from `queue`; returns msg/s.
-async fn library_drain(db: &integration_tests::TestDb, queue: &str, n: u64) -> anyhow::Result<f64> {
+/// consumer-lib draining `n` messages from `queue` with `batch` messages per transaction at
+/// most; returns msg/s.
+async fn library_drain(
+    db: &integration_tests::TestDb,
+    queue: &str,
+    n: u64,
+    batch: usize,
+) -> anyhow::Result<f64> {
+    sqlx::query("TRUNCATE bench_effects")
+        .execute(&db.pool)
+        .await?;
     let pool = PgPoolOptions::new()
         .max_connections(CONCURRENCY as u32 + 2)
         .connect(&db.url)
@@ -100,6 +113,7 @@ async fn library_drain(db: &integration_tests::TestDb, queue: &str, n: u64) -> a
         .queue(queue)
         .prefetch(PREFETCH)
         .concurrency(CONCURRENCY)
+        .batch_size(batch)
         .after_commit(move |_| {
             counter.fetch_add(1, Ordering::Relaxed);
         })
@@ -239,7 +253,14 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let queue = integration_tests::unique_name("bench_consume");
     broker::declare_queue(&channel, &queue).await?;
     prefill(&connection, &queue, n).await?;
-    let library = library_drain(&db, &queue, n as u64).await?;
+    let library = library_drain(&db, &queue, n as u64, 1).await?;
+    broker::delete_queue(&channel, &queue).await?;
+
+    // The library again, batching.
+    let queue = integration_tests::unique_name("bench_consume_batch");
+    broker::declare_queue(&channel, &queue).await?;
+    prefill(&connection, &queue, n).await?;
+    let library_batched = library_drain(&db, &queue, n as u64, LIBRARY_BATCH).await?;
     broker::delete_queue(&channel, &queue).await?;
 
     // Baseline (b) and batching, on the same (now populated) tables.
@@ -257,6 +278,22 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     report.push(Figure::new(
         "consumer_inbox_drain",
         library,
+        "msg/s",
+        "raw_ack_only_consumer",
+        raw,
+        None,
+    ));
+    report.push(Figure::new(
+        &format!("consumer_inbox_drain_batch_size_{LIBRARY_BATCH}"),
+        library_batched,
+        "msg/s",
+        "db_commit_ceiling_8conn",
+        ceiling,
+        None,
+    ));
+    report.push(Figure::new(
+        &format!("consumer_inbox_drain_batch_size_{LIBRARY_BATCH}"),
+        library_batched,
         "msg/s",
         "raw_ack_only_consumer",
         raw,

@@ -50,6 +50,9 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 200)]
     prefetch: u16,
+    /// Messages per transaction under a backlog (1: one transaction per message).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
 }
 
 /// What the order service puts in `order.created`. Every field is optional so any JSON
@@ -147,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
         .ordered(args.ordered)
         .concurrency(args.concurrency)
         .prefetch(args.prefetch)
+        .batch_size(args.batch_size)
         .dead_letter_queue(true)
         .retry(
             RetryPolicy::exponential()

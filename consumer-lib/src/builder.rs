@@ -24,6 +24,7 @@ pub(crate) struct Config {
     pub single_active_consumer: bool,
     pub prefetch: u16,
     pub concurrency: usize,
+    pub batch_size: usize,
     pub ordered: bool,
     pub retry: RetryPolicy,
     pub dead_letter_queue: bool,
@@ -57,6 +58,7 @@ pub struct ConsumerBuilder {
     single_active_consumer: bool,
     prefetch: u16,
     concurrency: usize,
+    batch_size: usize,
     ordered: bool,
     retry: RetryPolicy,
     dead_letter_queue: bool,
@@ -83,6 +85,7 @@ impl ConsumerBuilder {
             single_active_consumer: false,
             prefetch: 200,
             concurrency: 8,
+            batch_size: 1,
             ordered: false,
             retry: RetryPolicy::default(),
             dead_letter_queue: false,
@@ -153,6 +156,21 @@ impl ConsumerBuilder {
     /// Handlers running at once (default 8; at least 1).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency;
+        self
+    }
+
+    /// Messages per transaction (default 1: each message its own transaction; at most the
+    /// prefetch). Above 1, each of the `concurrency` workers takes the deliveries already
+    /// waiting, up to this many, and runs their handlers in one transaction with one inbox
+    /// statement and one commit: under a backlog the database commits once per batch instead of
+    /// once per message, and a lone message never waits for company. The handlers of a batch
+    /// share its transaction, so a handler must not change session state for the others (`SET
+    /// LOCAL`, say). If any handler fails, nothing of the batch commits and each message runs
+    /// again alone, as without batching: retries and dead letters stay per message, and a
+    /// handler's effects outside the database may run twice. Ordered messages (see
+    /// [`ordered`](Self::ordered)) are never batched. Needs the inbox ([`handler`](Self::handler)).
+    pub fn batch_size(mut self, messages: usize) -> Self {
+        self.batch_size = messages;
         self
     }
 
@@ -279,6 +297,18 @@ impl ConsumerBuilder {
         if self.concurrency == 0 {
             return Err(Error::config("concurrency", "must be at least 1"));
         }
+        if self.batch_size == 0 || self.batch_size > usize::from(self.prefetch) {
+            return Err(Error::config(
+                "batch_size",
+                format!("must be between 1 and the prefetch ({})", self.prefetch),
+            ));
+        }
+        if self.batch_size > 1 && !uses_inbox {
+            return Err(Error::config(
+                "batch_size",
+                "batching shares the inbox transaction; handler_without_inbox has none",
+            ));
+        }
         if self.purge_batch < 1 {
             return Err(Error::config("purge_batch", "must be at least 1"));
         }
@@ -347,6 +377,7 @@ impl ConsumerBuilder {
             single_active_consumer: self.single_active_consumer,
             prefetch: self.prefetch,
             concurrency: self.concurrency,
+            batch_size: self.batch_size,
             ordered: self.ordered,
             retry: self.retry,
             dead_letter_queue: self.dead_letter_queue,

@@ -1,6 +1,7 @@
 //! Running one message through the handler: decode, inbox, handler, commit.
 
 use std::any::Any;
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::handler::{Handler, PlainHandler};
 use crate::message::Envelope;
@@ -41,10 +43,26 @@ pub(crate) enum Failure {
 /// Called after a message's transaction committed and before it is acked.
 pub(crate) type AfterCommit = Arc<dyn Fn(i64) + Send + Sync>;
 
+/// What became of a batch run in one transaction.
+pub(crate) enum Batch {
+    /// Committed together: each message `Applied` or `Duplicate`, in the order given.
+    Committed(Vec<(Outcome, Envelope)>),
+    /// Nothing was committed (a message did not decode, a handler failed, the database failed):
+    /// every message is to be run alone, where each failure is classified and counted. The
+    /// envelopes come back in the order given.
+    Alone(Vec<Envelope>),
+}
+
 /// A handler with its payload type erased, so the rest of the library is not generic.
 pub(crate) trait Process: Send + Sync + 'static {
     /// Runs one attempt. The envelope comes back for retrying or dead-lettering.
     fn process(&self, envelope: Envelope, message_id: i64) -> BoxFuture<'_, (Outcome, Envelope)>;
+
+    /// Runs several messages in one transaction: all commit, or none does. Without a
+    /// transaction to share, every message runs alone.
+    fn process_batch(&self, items: Vec<(Envelope, i64)>) -> BoxFuture<'_, Batch> {
+        Box::pin(async move { Batch::Alone(items.into_iter().map(|(e, _)| e).collect()) })
+    }
 }
 
 pub(crate) struct WithInbox<H> {
@@ -176,6 +194,10 @@ impl<H: Handler> Process for WithInbox<H> {
             (outcome, message.envelope)
         })
     }
+
+    fn process_batch(&self, items: Vec<(Envelope, i64)>) -> BoxFuture<'_, Batch> {
+        self.batch(items)
+    }
 }
 
 impl<H: Handler> WithInbox<H> {
@@ -214,6 +236,103 @@ impl<H: Handler> WithInbox<H> {
             hook(message.id);
         }
         Outcome::Applied
+    }
+}
+
+impl<H: Handler> WithInbox<H> {
+    fn batch(&self, items: Vec<(Envelope, i64)>) -> BoxFuture<'_, Batch> {
+        Box::pin(async move {
+            let mut messages = Vec::with_capacity(items.len());
+            let mut rest = items.into_iter();
+            while let Some((envelope, id)) = rest.next() {
+                match decode::<H::Payload>(envelope, id) {
+                    Ok(message) => messages.push(message),
+                    Err(failed) => {
+                        // Alone, it is dead-lettered as undecodable; the others run alone too
+                        // so the order given is kept.
+                        let mut alone: Vec<Envelope> =
+                            messages.into_iter().map(|m| m.envelope).collect();
+                        alone.push(failed.1);
+                        alone.extend(rest.map(|(e, _)| e));
+                        return Batch::Alone(alone);
+                    }
+                }
+            }
+            match self.attempt_batch(&messages).await {
+                Ok(fresh) => Batch::Committed(
+                    messages
+                        .into_iter()
+                        .zip(fresh)
+                        .map(|(m, fresh)| {
+                            let outcome = if fresh {
+                                Outcome::Applied
+                            } else {
+                                Outcome::Duplicate
+                            };
+                            (outcome, m.envelope)
+                        })
+                        .collect(),
+                ),
+                Err(cause) => {
+                    tracing::debug!(%cause, size = messages.len(), "batch rolled back; running its messages alone");
+                    Batch::Alone(messages.into_iter().map(|m| m.envelope).collect())
+                }
+            }
+        })
+    }
+
+    /// One transaction for the batch: the inbox rows in one statement, then the handler of
+    /// every message not already done, then one commit. Returns, per message, whether it was
+    /// applied now (false: a duplicate, already done or earlier in the same batch).
+    async fn attempt_batch(&self, messages: &[Message<H::Payload>]) -> Result<Vec<bool>, String> {
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| format!("begin transaction: {e}"))?;
+        // Inserted in ascending id order, so two instances' batches that share ids wait on
+        // each other instead of deadlocking.
+        let inserted: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO inbox.processed (consumer, message_id) \
+             SELECT $1, id FROM unnest($2::bigint[]) AS ids(id) ORDER BY id \
+             ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
+        )
+        .bind(&self.consumer)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| format!("insert inbox rows: {e}"))?;
+        let mut new: HashSet<i64> = inserted.into_iter().collect();
+        let mut fresh = Vec::with_capacity(messages.len());
+        let started = Instant::now();
+        for message in messages {
+            // `remove`: a second copy of an id in the same batch is a duplicate.
+            let is_new = new.remove(&message.id);
+            fresh.push(is_new);
+            if !is_new {
+                continue;
+            }
+            let span = tracing::info_span!("handler", message_id = message.id);
+            let handled = guarded(self.handler.handle(message, &mut tx), self.timeout)
+                .instrument(span)
+                .await;
+            if let Err(failed) = handled {
+                // Dropping the transaction rolls back every message's effects and inbox row.
+                return Err(format!("message {}: {failed:?}", message.id));
+            }
+        }
+        let committed = tx.commit().await;
+        self.metrics.handler_time(started.elapsed());
+        committed.map_err(|e| format!("commit: {e}"))?;
+        if let Some(hook) = &self.after_commit {
+            for (message, fresh) in messages.iter().zip(&fresh) {
+                if *fresh {
+                    hook(message.id);
+                }
+            }
+        }
+        Ok(fresh)
     }
 }
 

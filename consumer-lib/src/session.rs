@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,6 +73,43 @@ pub(crate) async fn run(
 fn ordering_key(delivery: &lapin::message::Delivery) -> Option<String> {
     let headers = delivery.properties.headers().as_ref()?;
     crate::headers::str_value(headers, crate::message::ORDERING_KEY_HEADER).map(str::to_owned)
+}
+
+/// Takes the deliveries waiting (at least one, at most `batch_size`) and handles them as one
+/// batch, until the session stops.
+async fn batch_worker(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Delivery>>>,
+) {
+    let max = shared.config.batch_size;
+    loop {
+        let batch = {
+            let mut receiver = tokio::select! {
+                biased;
+                _ = session.stop.cancelled() => return,
+                receiver = receiver.lock() => receiver,
+            };
+            let first = tokio::select! {
+                biased;
+                _ = session.stop.cancelled() => return,
+                first = receiver.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let mut batch = Vec::with_capacity(max);
+            batch.push(first);
+            while batch.len() < max {
+                match receiver.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        settle::handle_batch(&shared, &session, batch).await;
+    }
 }
 
 fn lost(error: String, started: bool) -> End {
@@ -148,6 +187,21 @@ async fn consume(
     });
     let lanes = Arc::new(Lanes::default());
     let tracker = TaskTracker::new();
+    // With batching, `concurrency` workers take whatever deliveries are waiting (up to
+    // `batch_size`) each time they are free: batches grow with the backlog and a lone message
+    // never waits for company.
+    let batches = (config.batch_size > 1).then(|| {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..config.concurrency {
+            tracker.spawn(batch_worker(
+                Arc::clone(shared),
+                Arc::clone(&session),
+                Arc::clone(&receiver),
+            ));
+        }
+        sender
+    });
     let mut watchdog = tokio::time::interval(WATCHDOG);
     let end = loop {
         tokio::select! {
@@ -166,9 +220,14 @@ async fn consume(
                     let key = if config.ordered { ordering_key(&delivery) } else { None };
                     match key {
                         Some(key) => lanes.dispatch(key, delivery, shared, &session, &tracker),
-                        None => {
-                            tracker.spawn(settle::handle(Arc::clone(shared), Arc::clone(&session), delivery));
-                        }
+                        None => match &batches {
+                            // The workers outlive this loop, so the send cannot fail; if it
+                            // did, the delivery stays unacked and is redelivered.
+                            Some(batches) => { let _ = batches.send(delivery); }
+                            None => {
+                                tracker.spawn(settle::handle(Arc::clone(shared), Arc::clone(&session), delivery));
+                            }
+                        },
                     }
                 }
                 Some(Err(err)) => break lost(format!("consumer: {err}"), true),
@@ -183,6 +242,8 @@ async fn consume(
         session.lost.cancel();
     }
     session.stop.cancel();
+    // Deliveries the batch workers have not taken stay unacked, for the broker to requeue.
+    drop(batches);
     if matches!(end, End::Shutdown) {
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,

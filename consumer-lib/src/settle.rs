@@ -24,7 +24,7 @@ use crate::message::{
     ORIGINAL_ROUTING_KEY_HEADER,
 };
 use crate::metrics::Metrics;
-use crate::process::{Failure, Outcome, Process};
+use crate::process::{Batch, Failure, Outcome, Process};
 use crate::topology;
 
 /// What every delivery task shares for the consumer's whole life.
@@ -71,6 +71,11 @@ fn decide(kind: Failure, failed: u32, max_attempts: u32) -> Decision {
 /// Handles one delivery. Never panics the caller and never returns an error: every failure
 /// ends in a retry, a dead letter, or an unacked message the broker will redeliver.
 pub(crate) async fn handle(shared: Arc<Shared>, session: Arc<Session>, delivery: Delivery) {
+    let (envelope, acker) = parse(delivery);
+    alone(&shared, &session, envelope, acker, Permit::Acquire).await;
+}
+
+fn parse(delivery: Delivery) -> (Envelope, Acker) {
     let Delivery {
         exchange,
         routing_key,
@@ -80,6 +85,24 @@ pub(crate) async fn handle(shared: Arc<Shared>, session: Arc<Session>, delivery:
         ..
     } = delivery;
     let envelope = Envelope::parse(exchange.as_str(), routing_key.as_str(), properties, data);
+    (envelope, acker)
+}
+
+/// Whether a message run alone takes a slot of the consumer's concurrency or runs in one its
+/// batch already holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Permit {
+    Acquire,
+    Held,
+}
+
+async fn alone(
+    shared: &Shared,
+    session: &Session,
+    envelope: Envelope,
+    acker: Acker,
+    permit: Permit,
+) {
     let span = tracing::info_span!(
         "message",
         consumer = %shared.config.name,
@@ -92,12 +115,66 @@ pub(crate) async fn handle(shared: Arc<Shared>, session: Arc<Session>, delivery:
     if let Some(key) = &envelope.ordering_key {
         span.record("ordering_key", key.as_str());
     }
-    run(&shared, &session, envelope, acker)
+    run(shared, session, envelope, acker, permit)
         .instrument(span)
         .await;
 }
 
-async fn run(shared: &Shared, session: &Session, mut envelope: Envelope, acker: Acker) {
+/// Handles deliveries taken together (`batch_size` > 1), holding one slot of the consumer's
+/// concurrency: their handlers run in one transaction with one inbox statement and one
+/// commit, then every message is acked. If anything fails, nothing of the batch is committed
+/// and each message runs alone, as without batching: failures are classified, counted and
+/// retried per message, never per batch.
+pub(crate) async fn handle_batch(shared: &Shared, session: &Session, deliveries: Vec<Delivery>) {
+    let _permit = tokio::select! {
+        permit = shared.running.acquire() => match permit {
+            Ok(permit) => permit,
+            Err(_) => return,
+        },
+        _ = session.stop.cancelled() => return,
+    };
+    let mut items = Vec::with_capacity(deliveries.len());
+    let mut ackers = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let (envelope, acker) = parse(delivery);
+        match envelope.message_id {
+            Some(id) => {
+                items.push((envelope, id));
+                ackers.push(acker);
+            }
+            // No usable id: dead-lettered alone as invalid.
+            _ => alone(shared, session, envelope, acker, Permit::Held).await,
+        }
+    }
+    if items.is_empty() {
+        return;
+    }
+    let span = tracing::info_span!("batch", consumer = %shared.config.name, size = items.len());
+    match shared.process.process_batch(items).instrument(span).await {
+        Batch::Committed(outcomes) => {
+            for (outcome, _) in &outcomes {
+                match outcome {
+                    Outcome::Duplicate => shared.metrics.duplicate(),
+                    _ => shared.metrics.processed(),
+                }
+            }
+            futures::future::join_all(ackers.iter().map(|acker| ack(session, acker))).await;
+        }
+        Batch::Alone(envelopes) => {
+            for (envelope, acker) in envelopes.into_iter().zip(ackers) {
+                alone(shared, session, envelope, acker, Permit::Held).await;
+            }
+        }
+    }
+}
+
+async fn run(
+    shared: &Shared,
+    session: &Session,
+    mut envelope: Envelope,
+    acker: Acker,
+    permit: Permit,
+) {
     let Some(id) = envelope.message_id else {
         let failed = envelope.failed_attempts;
         dead_letter(
@@ -117,12 +194,15 @@ async fn run(shared: &Shared, session: &Session, mut envelope: Envelope, acker: 
     let in_place = shared.config.ordered && envelope.ordering_key.is_some();
     loop {
         let outcome = {
-            let _permit = tokio::select! {
-                permit = shared.running.acquire() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
+            let _permit = match permit {
+                Permit::Held => None,
+                Permit::Acquire => tokio::select! {
+                    permit = shared.running.acquire() => match permit {
+                        Ok(permit) => Some(permit),
+                        Err(_) => return,
+                    },
+                    _ = session.stop.cancelled() => return,
                 },
-                _ = session.stop.cancelled() => return,
             };
             let (outcome, returned) = shared.process.process(envelope, id).await;
             envelope = returned;

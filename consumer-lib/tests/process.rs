@@ -148,11 +148,19 @@ async fn sigterm_finishes_the_running_handler_acks_and_exits_cleanly() {
     publisher
         .publish(&exchange, 2, &payload("a", 2, "slow"), false)
         .await;
-    wait_until(
-        "the slow message to be delivered to the child",
-        WAIT,
-        || async { publisher.ready(&queue).await == 0 },
-    )
+    // Delivered is not enough: a delivery not yet started is left to the broker on SIGTERM.
+    // The handler has started once its transaction (inbox row written, handler sleeping) is
+    // open in the database.
+    wait_until("the slow message's handler to be running", WAIT, || async {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        open == 1
+    })
     .await;
     let child = child.take();
     let status = Command::new("kill")
