@@ -160,12 +160,12 @@ async fn relay_batch(
     limit: i64,
     policy: &RetryPolicy,
 ) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     // The rows this transaction deletes were already confirmed by the broker. If a crash loses
     // the commit, they are simply published again (at least once; consumers dedupe by id), so
     // the relay need not wait for its WAL flush, and leaves the disk to the producers' commits.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
+    // One round trip: the simple-query BEGIN carries the setting.
+    let mut tx = pool
+        .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
         .await?;
     let batch = claim::claim(&mut tx, limit).await?;
     if batch.is_empty() {
@@ -176,40 +176,40 @@ async fn relay_batch(
     let outcomes = publisher.publish(&batch).await;
     histogram!("outbox_relay_publish_batch_seconds").record(started.elapsed().as_secs_f64());
 
-    let mut published = Vec::with_capacity(batch.len());
+    let claimed = batch.len();
+    let mut published = 0u64;
     let mut failures = Vec::new();
-    let mut unknown = 0usize;
+    let mut unknown = Vec::new();
     let now = chrono::Utc::now();
     for (msg, outcome) in batch.iter().zip(outcomes) {
         match outcome {
             Outcome::Confirmed => {
                 debug!(message_id = msg.id, exchange = %msg.exchange, routing_key = %msg.routing_key, bytes = msg.payload.len(), "published");
-                published.push(msg.id);
+                published += 1;
                 let age = (now - msg.created_at).to_std().unwrap_or_default();
                 histogram!("outbox_relay_enqueue_to_confirm_seconds").record(age.as_secs_f64());
             }
             Outcome::Failed(error) => {
                 warn!(message_id = msg.id, attempt = msg.attempts + 1, cause = %error, "publish attempt failed");
                 failures.push(Failure {
-                    id: msg.id,
-                    attempts: msg.attempts,
+                    message: msg.clone(),
                     error,
                 });
             }
             Outcome::Unknown(error) => {
                 debug!(message_id = msg.id, cause = %error, "publish outcome unknown; will publish again");
-                unknown += 1;
+                unknown.push(msg);
             }
         }
     }
-    let settled = claim::settle(&mut tx, &published, &failures, policy).await?;
+    let settled = claim::settle(&mut tx, published, &failures, &unknown, policy).await?;
     tx.commit().await?;
 
     counter!("outbox_relay_published_total").increment(settled.published);
     counter!("outbox_relay_failed_attempts_total").increment(failures.len() as u64);
     counter!("outbox_relay_dead_lettered_total").increment(settled.dead_lettered);
-    if unknown > 0 {
-        counter!("outbox_relay_unknown_outcomes_total").increment(unknown as u64);
+    if !unknown.is_empty() {
+        counter!("outbox_relay_unknown_outcomes_total").increment(unknown.len() as u64);
     }
     if settled.dead_lettered > 0 {
         warn!(
@@ -217,7 +217,7 @@ async fn relay_batch(
             "messages moved to dead letters"
         );
     }
-    Ok(batch.len())
+    Ok(claimed)
 }
 
 /// Wakes every worker on `outbox_wakeup` notifications. Reconnects on error; the workers keep

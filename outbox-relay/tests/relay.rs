@@ -276,6 +276,82 @@ async fn unroutable_message_is_retried_then_dead_lettered_then_redriven() {
 }
 
 #[tokio::test]
+async fn failed_attempt_puts_the_message_back_whole() {
+    let db = fresh_db().await;
+    let queue_name = unique_name("unroutable_whole");
+    let mut config = test_config(&db);
+    // One failure, then a long wait: the row is read back while it is scheduled.
+    config.retry_min_ms = Duration::from_secs(60);
+    config.retry_max_ms = Duration::from_secs(60);
+    let relay = InProcessRelay::start(&db, config);
+    type Row = (
+        i64,
+        String,
+        String,
+        Vec<u8>,
+        serde_json::Value,
+        Option<String>,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+    );
+    let select = "SELECT id, exchange, routing_key, payload, headers, ordering_key, dedupe_key, \
+                  created_at FROM outbox.messages";
+    let mut tx = db.pool.begin().await.unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "SELECT outbox.enqueue(exchange => '', routing_key => $1, payload => '\\x00ff'::bytea, \
+         headers => '{\"tenant\": \"t1\", \"n\": 3}', ordering_key => 'order-9', \
+         dedupe_key => 'dk-9')",
+    )
+    .bind(&queue_name)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    let before: Row = sqlx::query_as(sqlx::AssertSqlSafe(select))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    eventually(WAIT, "the first failed attempt recorded", || async {
+        sqlx::query_scalar::<_, i32>("SELECT attempts FROM outbox.messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+            == Some(1)
+    })
+    .await;
+    let after: Row = sqlx::query_as(sqlx::AssertSqlSafe(select))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "id, body, headers, keys and enqueue time kept"
+    );
+    let (error, waits): (String, bool) = sqlx::query_as(
+        "SELECT last_error, available_at > now() + interval '30 seconds' \
+         FROM outbox.messages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(error.contains("NO_ROUTE"), "{error}");
+    assert!(waits, "the next attempt is scheduled after the backoff");
+    // The dedupe key still guards the scheduled message.
+    let again: i64 = sqlx::query_scalar(
+        "SELECT outbox.enqueue(exchange => '', routing_key => $1, payload => 'x', \
+         dedupe_key => 'dk-9')",
+    )
+    .bind(&queue_name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(again, id);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn missing_exchange_fails_only_its_own_messages() {
     let db = fresh_db().await;
     let queue = TestQueue::new("neighbour").await;
