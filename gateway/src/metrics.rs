@@ -1,7 +1,11 @@
 //! Prometheus metrics. The recorder is process-wide (the `metrics` crate has one global
 //! recorder), installed on first use, so several gateways in one test process share it.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock, RwLock},
+    time::Duration,
+};
 
 use http::StatusCode;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -45,4 +49,61 @@ pub fn record_request(route: &str, caller: &str, status: StatusCode, elapsed: Du
     metrics::counter!("gateway_requests_total", &labels).increment(1);
     metrics::histogram!("gateway_request_duration_seconds", "route" => route.to_owned())
         .record(elapsed.as_secs_f64());
+}
+
+/// One route's request counters and latency histogram, registered once and then reused: the
+/// per-request cost is a map lookup under a read lock instead of building, hashing and
+/// registering a labelled key.
+pub struct RouteMetrics {
+    route: Arc<str>,
+    duration: OnceLock<metrics::Histogram>,
+    counters: RwLock<HashMap<(Arc<str>, u16), metrics::Counter>>,
+}
+
+impl RouteMetrics {
+    /// For the route labelled `route`.
+    pub fn new(route: &str) -> Self {
+        Self {
+            route: Arc::from(route),
+            duration: OnceLock::new(),
+            counters: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The route label.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The same as [`record_request`] for this route.
+    pub fn record(&self, caller: &Arc<str>, status: StatusCode, elapsed: Duration) {
+        let key = (caller.clone(), status.as_u16());
+        let found = self
+            .counters
+            .read()
+            .expect("metrics lock")
+            .get(&key)
+            .cloned();
+        let counter = found.unwrap_or_else(|| {
+            let labels = [
+                ("route", self.route.to_string()),
+                ("caller", caller.to_string()),
+                ("status", status.as_u16().to_string()),
+            ];
+            let counter = metrics::counter!("gateway_requests_total", &labels);
+            // Callers come from the config and statuses are three digits: the map stays small.
+            self.counters
+                .write()
+                .expect("metrics lock")
+                .entry(key)
+                .or_insert(counter)
+                .clone()
+        });
+        counter.increment(1);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("gateway_request_duration_seconds", "route" => self.route.to_string())
+            })
+            .record(elapsed.as_secs_f64());
+    }
 }

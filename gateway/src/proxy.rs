@@ -104,10 +104,17 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let rest = parts
             .extensions
-            .get::<ForwardPath>()
-            .map(|p| p.0.clone())
+            .remove::<ForwardPath>()
+            .map(|p| p.0)
             .unwrap_or_else(|| "/".into());
-        let target = format!("{}{}", self.upstream.base_path, rest);
+        let target = if self.upstream.base_path.is_empty() {
+            rest
+        } else {
+            let mut t = String::with_capacity(self.upstream.base_path.len() + rest.len());
+            t.push_str(&self.upstream.base_path);
+            t.push_str(&rest);
+            t
+        };
         let uri = match Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())

@@ -344,10 +344,27 @@ fn matches(prefix: &str, path: &str) -> Option<usize> {
 
 /// Dot segments would let `/pay/../admin` climb out of the upstream base path.
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|s| {
-        let s = s.to_ascii_lowercase().replace("%2e", ".");
-        s == "." || s == ".."
-    })
+    // Without a '.' or a '%' no segment can be one (the common case, checked without splitting).
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
+    path.split('/').any(|s| is_dot_segment(s.as_bytes()))
+}
+
+/// `.` or `..`, each dot possibly written `%2e` or `%2E`.
+fn is_dot_segment(mut s: &[u8]) -> bool {
+    let mut dots = 0;
+    while !s.is_empty() {
+        if s[0] == b'.' {
+            s = &s[1..];
+        } else if s.len() >= 3 && s[0] == b'%' && s[1] == b'2' && s[2].eq_ignore_ascii_case(&b'e') {
+            s = &s[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 async fn front(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
@@ -363,11 +380,12 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
         crate::metrics::record_request(route, caller, p.status(), started.elapsed());
         p.into_response()
     };
-    let caller = match shared.callers.identify(req.headers()) {
+    let (mut parts, body) = req.into_parts();
+    let caller = match shared.callers.identify(&parts.headers) {
         Ok(c) => c,
         Err(p) => return refuse("", "", p),
     };
-    if req.method() == http::Method::CONNECT {
+    if parts.method == http::Method::CONNECT {
         return refuse(
             "",
             &caller.0,
@@ -381,11 +399,11 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
     }
     // Only the path is used: an absolute-form target's scheme and authority, and the Host
     // header, never influence where the request goes.
-    let path = req.uri().path().to_owned();
+    let path = parts.uri.path();
     let Some((entry, cut)) = shared
         .routes
         .iter()
-        .find_map(|r| matches(&r.prefix, &path).map(|cut| (r, cut)))
+        .find_map(|r| matches(&r.prefix, path).map(|cut| (r, cut)))
     else {
         return refuse(
             "",
@@ -394,13 +412,21 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
                 .detail(format!("no route is configured for {path}")),
         );
     };
-    if has_dot_segment(&path) {
+    if has_dot_segment(path) {
         return refuse(
             &entry.prefix,
             &caller.0,
             Problem::new(StatusCode::BAD_REQUEST, "bad-path", "Bad request path")
                 .detail("'.' and '..' path segments are not forwarded"),
         );
+    }
+    let rest = &path[cut..];
+    let query = parts.uri.query();
+    let mut forward = String::with_capacity(rest.len().max(1) + query.map_or(0, |q| q.len() + 1));
+    forward.push_str(if rest.is_empty() { "/" } else { rest });
+    if let Some(q) = query {
+        forward.push('?');
+        forward.push_str(q);
     }
     let too_large = || {
         Problem::new(
@@ -413,62 +439,59 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
             entry.max_body
         ))
     };
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > entry.max_body as u64) {
         return refuse(&entry.prefix, &caller.0, too_large());
     }
-    let (mut parts, body) = req.into_parts();
-    // A client trickling its body must not hold a connection and a buffer forever.
-    let read = tokio::time::timeout(entry.timeout, Limited::new(body, entry.max_body).collect());
-    let Ok(read) = read.await else {
-        return refuse(
-            &entry.prefix,
-            &caller.0,
-            Problem::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body-timeout",
-                "Request body too slow",
-            )
-            .detail(format!(
-                "the body did not arrive within the route's timeout of {} ms",
-                entry.timeout.as_millis()
-            )),
-        );
-    };
-    let bytes: Bytes = match read {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return refuse(&entry.prefix, &caller.0, too_large());
-        }
-        Err(e) => {
+    // A request without a body (most GETs) has nothing to read or bound.
+    let bytes = if hyper::body::Body::is_end_stream(&body) {
+        Bytes::new()
+    } else {
+        // A client trickling its body must not hold a connection and a buffer forever.
+        let read =
+            tokio::time::timeout(entry.timeout, Limited::new(body, entry.max_body).collect());
+        let Ok(read) = read.await else {
             return refuse(
                 &entry.prefix,
                 &caller.0,
                 Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "body-unreadable",
-                    "Request body unreadable",
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body-timeout",
+                    "Request body too slow",
                 )
-                .detail(e.to_string()),
+                .detail(format!(
+                    "the body did not arrive within the route's timeout of {} ms",
+                    entry.timeout.as_millis()
+                )),
             );
+        };
+        match read {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(&entry.prefix, &caller.0, too_large());
+            }
+            Err(e) => {
+                return refuse(
+                    &entry.prefix,
+                    &caller.0,
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "body-unreadable",
+                        "Request body unreadable",
+                    )
+                    .detail(e.to_string()),
+                );
+            }
         }
     };
-    let rest = &path[cut..];
-    let mut forward = if rest.is_empty() {
-        "/".to_owned()
-    } else {
-        rest.to_owned()
-    };
-    if let Some(q) = parts.uri.query() {
-        forward.push('?');
-        forward.push_str(q);
-    }
     // Keep only the origin form, so the fingerprint does not depend on how the target was written.
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
+    if (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+        && let Some(pq) = parts.uri.path_and_query().cloned()
+    {
         parts.uri = http::Uri::from(pq);
     }
     parts.extensions.insert(caller);
@@ -498,5 +521,14 @@ mod tests {
         assert!(has_dot_segment("/pay/../admin"));
         assert!(has_dot_segment("/pay/%2E%2e/admin"));
         assert!(!has_dot_segment("/pay/a.b"));
+        assert!(has_dot_segment("/."));
+        assert!(has_dot_segment("/pay/.%2E"));
+        assert!(has_dot_segment("/pay/%2e/x"));
+        assert!(!has_dot_segment("/pay/.../x"));
+        assert!(!has_dot_segment("/pay/%2e%2e%2e"));
+        assert!(!has_dot_segment("/pay/%2f"));
+        assert!(!has_dot_segment("/pay/%2"));
+        assert!(!has_dot_segment("/pay/x"));
+        assert!(!has_dot_segment(""));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::{
     convert::Infallible,
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -14,20 +15,21 @@ use tracing::Instrument;
 use crate::{
     caller::Caller,
     headers::RequestId,
+    metrics::RouteMetrics,
     problem::{GatewayProblem, GatewayRequest, GatewayResponse},
 };
 
 /// Adds [`Trace`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TraceLayer {
-    route: String,
+    route: Arc<RouteMetrics>,
 }
 
 impl TraceLayer {
     /// For one route.
     pub fn new(route: &str) -> Self {
         Self {
-            route: route.to_owned(),
+            route: Arc::new(RouteMetrics::new(route)),
         }
     }
 }
@@ -44,10 +46,10 @@ impl<S> Layer<S> for TraceLayer {
 }
 
 /// Spans, logs and counts requests.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Trace<S> {
     inner: S,
-    route: String,
+    route: Arc<RouteMetrics>,
 }
 
 impl<S> Service<GatewayRequest> for Trace<S>
@@ -67,20 +69,21 @@ where
         let caller = req
             .extensions()
             .get::<Caller>()
-            .map(|c| c.0.to_string())
-            .unwrap_or_default();
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .and_then(|r| r.0.to_str().ok().map(str::to_owned))
-            .unwrap_or_default();
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|| Arc::from(""));
+        // The fields are formatted only when the span is enabled; nothing is allocated for them
+        // when the log level leaves it out.
         let span = tracing::info_span!(
             "request",
-            route = %self.route,
+            route = %self.route.route(),
             caller = %caller,
             method = %req.method(),
             path = %req.uri().path(),
-            request_id = %request_id,
+            request_id = %req
+                .extensions()
+                .get::<RequestId>()
+                .and_then(|r| r.0.to_str().ok())
+                .unwrap_or_default(),
         );
         let route = self.route.clone();
         let started = Instant::now();
@@ -99,7 +102,7 @@ where
                     problem,
                     "finished"
                 );
-                crate::metrics::record_request(&route, &caller, resp.status(), elapsed);
+                route.record(&caller, resp.status(), elapsed);
                 Ok(resp)
             }
             .instrument(span),
