@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use gateway::{Config, Gateway};
 use tokio_util::sync::CancellationToken;
 
+// Fewer instructions per allocation than glibc's malloc, and thread-local free lists instead of
+// arena locks: the proxy path allocates and frees a few dozen small objects per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "gateway",
