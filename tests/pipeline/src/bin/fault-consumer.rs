@@ -3,7 +3,10 @@
 //! double application would show), and its running count of suppressed duplicates in
 //! `fault_consumer_stats` every 100 ms (a SIGKILL loses at most that much of the count).
 //!
-//! Env: DATABASE_URL, AMQP_URL, QUEUE. SIGTERM stops it gracefully.
+//! With `BATCH_SIZE` set it runs unordered instead, every instance consuming at once, with that
+//! many waiting messages per transaction at most: the batched path under the same faults.
+//!
+//! Env: DATABASE_URL, AMQP_URL, QUEUE, BATCH_SIZE (optional). SIGTERM stops it gracefully.
 
 use std::time::Duration;
 
@@ -53,12 +56,17 @@ async fn main() -> anyhow::Result<()> {
         .acquire_timeout(Duration::from_secs(3))
         .connect_lazy(&database_url)?;
 
+    let batch: Option<usize> = match std::env::var("BATCH_SIZE") {
+        Ok(n) => Some(n.parse()?),
+        Err(_) => None,
+    };
     let consumer = Consumer::builder("fault-suite")
         .amqp_url(&amqp_url)
         .database(pool.clone())
         .queue(&queue)
-        .ordered(true)
-        .single_active_consumer(true)
+        .ordered(batch.is_none())
+        .single_active_consumer(batch.is_none())
+        .batch_size(batch.unwrap_or(1))
         .concurrency(8)
         .prefetch(200)
         // Long enough to ride out a database restart without dead-lettering anything.
