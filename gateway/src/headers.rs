@@ -34,17 +34,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    let mut remove: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::try_from(name.trim()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    remove.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
+    for name in &remove {
         headers.remove(name);
     }
-    headers.remove(&PROXY_CONNECTION);
 }
 
 /// The incoming request id when it is a sane token (at most 128 visible ASCII characters),

@@ -61,6 +61,7 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     forward_authorization: bool,
     set_headers: Arc<HeaderMap>,
+    host: HeaderValue,
 }
 
 impl Proxy {
@@ -74,8 +75,21 @@ impl Proxy {
                 HeaderValue::try_from(v.as_str()).expect("validated header value"),
             );
         }
+        // What the client would derive from the URI on every request: the host, and the port
+        // unless it is the scheme's default.
+        let default_port = if upstream.scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match upstream.authority.port_u16() {
+            Some(p) if p != default_port => format!("{}:{p}", upstream.authority.host()),
+            _ => upstream.authority.host().to_owned(),
+        };
+        let host = HeaderValue::try_from(host).expect("an authority is a valid Host value");
         Self {
             client,
+            host,
             upstream: Arc::new(upstream),
             forward_authorization: route.forward_authorization,
             set_headers: Arc::new(set_headers),
@@ -130,7 +144,7 @@ impl Proxy {
         };
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
+        headers.insert(header::HOST, self.host.clone());
         // The body is already read in full; a 100-continue handshake with the upstream would
         // only add a round trip.
         headers.remove(header::EXPECT);

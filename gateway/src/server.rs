@@ -14,9 +14,14 @@ use axum::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::{ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 
 use crate::{
@@ -238,6 +243,9 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` is cancelled, then lets requests in progress finish.
+    ///
+    /// Proxied requests go straight to the front handler; only `/healthz`, `/readyz` and
+    /// `/metrics` pass through the [`Gateway::router`], so the hot path skips its route table.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -249,13 +257,80 @@ impl Gateway {
             Duration::from_secs(self.config.cleanup_interval_secs),
             shutdown.clone(),
         ));
-        let result = axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await;
+        let router = self.router();
+        let shared = self.shared.clone();
+        let connections = TaskTracker::new();
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        handle_accept_error(e).await;
+                        continue;
+                    }
+                },
+            };
+            // Answers go out in one write each; Nagle would only hold them back.
+            let _ = stream.set_nodelay(true);
+            let router = router.clone();
+            let shared = shared.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let req = req.map(Body::new);
+                let router = router.clone();
+                let shared = shared.clone();
+                async move {
+                    let resp = if is_admin_path(req.uri().path()) {
+                        match router.oneshot(req).await {
+                            Ok(r) => r,
+                            Err(never) => match never {},
+                        }
+                    } else {
+                        front(State(shared), req).await
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = shutdown.cancelled() => {}
+                }
+                // Finish the request in progress, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        connections.close();
+        connections.wait().await;
         shutdown.cancel();
         let _ = cleanup.await;
-        result
+        Ok(())
     }
+}
+
+/// The paths the [`Gateway::router`] answers itself.
+fn is_admin_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// Connection-level accept errors concern one client; anything else (out of file descriptors)
+/// is logged and waited out for a second, as `axum::serve` does.
+async fn handle_accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(cause = %e, "accept error");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 async fn cleanup_loop(
