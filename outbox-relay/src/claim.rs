@@ -181,114 +181,116 @@ struct PutBack<'a> {
     delay_ms: Option<i64>,
 }
 
+/// Claimed rows as one array per column, bound as `$1`..`$9` of an `unnest`: id, exchange,
+/// routing key, payload, headers, content type, ordering key, dedupe key, enqueue time.
+struct Columns<'a> {
+    ids: Vec<i64>,
+    exchanges: Vec<&'a str>,
+    routing_keys: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<&'a serde_json::Value>,
+    content_types: Vec<Option<&'a str>>,
+    ordering_keys: Vec<Option<&'a str>>,
+    dedupe_keys: Vec<Option<&'a str>>,
+    created: Vec<DateTime<Utc>>,
+}
+
+/// The `unnest` arguments [`Columns`] binds, and their names.
+const COLUMNS_UNNEST: &str = "$1::bigint[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
+     $6::text[], $7::text[], $8::text[], $9::timestamptz[]";
+const COLUMNS_NAMES: &str = "id, exchange, routing_key, payload, headers, content_type, ordering_key, dedupe_key, created_at";
+
+impl<'a> Columns<'a> {
+    fn of(rows: impl Iterator<Item = &'a Claimed>) -> Self {
+        let mut c = Columns {
+            ids: Vec::new(),
+            exchanges: Vec::new(),
+            routing_keys: Vec::new(),
+            payloads: Vec::new(),
+            headers: Vec::new(),
+            content_types: Vec::new(),
+            ordering_keys: Vec::new(),
+            dedupe_keys: Vec::new(),
+            created: Vec::new(),
+        };
+        for row in rows {
+            c.ids.push(row.id);
+            c.exchanges.push(&row.exchange);
+            c.routing_keys.push(&row.routing_key);
+            c.payloads.push(&row.payload);
+            c.headers.push(&row.headers);
+            c.content_types.push(row.content_type.as_deref());
+            c.ordering_keys.push(row.ordering_key.as_deref());
+            c.dedupe_keys.push(row.dedupe_key.as_deref());
+            c.created.push(row.created_at);
+        }
+        c
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.exchanges)
+            .bind(&self.routing_keys)
+            .bind(&self.payloads)
+            .bind(&self.headers)
+            .bind(&self.content_types)
+            .bind(&self.ordering_keys)
+            .bind(&self.dedupe_keys)
+            .bind(&self.created)
+    }
+}
+
 /// Re-inserts claimed rows with the same id, so order, dedupe key and enqueue time are kept.
 async fn put_back(conn: &mut PgConnection, rows: &[PutBack<'_>]) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = rows.iter().map(|r| r.message.id).collect();
-    let exchanges: Vec<&str> = rows.iter().map(|r| r.message.exchange.as_str()).collect();
-    let routing_keys: Vec<&str> = rows
-        .iter()
-        .map(|r| r.message.routing_key.as_str())
-        .collect();
-    let payloads: Vec<&[u8]> = rows.iter().map(|r| r.message.payload.as_slice()).collect();
-    let headers: Vec<&serde_json::Value> = rows.iter().map(|r| &r.message.headers).collect();
-    let content_types: Vec<Option<&str>> = rows
-        .iter()
-        .map(|r| r.message.content_type.as_deref())
-        .collect();
-    let ordering_keys: Vec<Option<&str>> = rows
-        .iter()
-        .map(|r| r.message.ordering_key.as_deref())
-        .collect();
-    let dedupe_keys: Vec<Option<&str>> = rows
-        .iter()
-        .map(|r| r.message.dedupe_key.as_deref())
-        .collect();
+    let columns = Columns::of(rows.iter().map(|r| r.message));
     let available: Vec<DateTime<Utc>> = rows.iter().map(|r| r.message.available_at).collect();
     let delays: Vec<Option<i64>> = rows.iter().map(|r| r.delay_ms).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
     let errors: Vec<Option<&str>> = rows.iter().map(|r| r.last_error).collect();
-    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.message.created_at).collect();
-    sqlx::query(
-        "INSERT INTO outbox.messages (id, exchange, routing_key, payload, headers, content_type, \
-             ordering_key, dedupe_key, available_at, attempts, last_error, created_at) \
-         SELECT id, exchange, routing_key, payload, headers, content_type, ordering_key, \
-             dedupe_key, \
+    let sql = format!(
+        "INSERT INTO outbox.messages ({COLUMNS_NAMES}, available_at, attempts, last_error) \
+         SELECT {COLUMNS_NAMES}, \
              CASE WHEN delay_ms IS NULL THEN available_at \
                   ELSE now() + delay_ms * interval '1 millisecond' END, \
-             attempts, last_error, created_at \
-         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
-                     $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::bigint[], \
-                     $11::int[], $12::text[], $13::timestamptz[]) \
-           AS r(id, exchange, routing_key, payload, headers, content_type, ordering_key, \
-                dedupe_key, available_at, delay_ms, attempts, last_error, created_at)",
-    )
-    .bind(&ids)
-    .bind(&exchanges)
-    .bind(&routing_keys)
-    .bind(&payloads)
-    .bind(&headers)
-    .bind(&content_types)
-    .bind(&ordering_keys)
-    .bind(&dedupe_keys)
-    .bind(&available)
-    .bind(&delays)
-    .bind(&attempts)
-    .bind(&errors)
-    .bind(&created)
-    .execute(conn)
-    .await?;
+             attempts, last_error \
+         FROM unnest({COLUMNS_UNNEST}, $10::timestamptz[], $11::bigint[], $12::int[], \
+                     $13::text[]) \
+           AS r({COLUMNS_NAMES}, available_at, delay_ms, attempts, last_error)"
+    );
+    columns
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .bind(&available)
+        .bind(&delays)
+        .bind(&attempts)
+        .bind(&errors)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Writes claimed rows that failed their last allowed attempt to the dead-letter table.
 async fn bury(conn: &mut PgConnection, dead: &[&Failure]) -> Result<u64, sqlx::Error> {
-    let ids: Vec<i64> = dead.iter().map(|d| d.message.id).collect();
-    let exchanges: Vec<&str> = dead.iter().map(|d| d.message.exchange.as_str()).collect();
-    let routing_keys: Vec<&str> = dead
-        .iter()
-        .map(|d| d.message.routing_key.as_str())
-        .collect();
-    let payloads: Vec<&[u8]> = dead.iter().map(|d| d.message.payload.as_slice()).collect();
-    let headers: Vec<&serde_json::Value> = dead.iter().map(|d| &d.message.headers).collect();
-    let content_types: Vec<Option<&str>> = dead
-        .iter()
-        .map(|d| d.message.content_type.as_deref())
-        .collect();
-    let ordering_keys: Vec<Option<&str>> = dead
-        .iter()
-        .map(|d| d.message.ordering_key.as_deref())
-        .collect();
-    let dedupe_keys: Vec<Option<&str>> = dead
-        .iter()
-        .map(|d| d.message.dedupe_key.as_deref())
-        .collect();
+    let columns = Columns::of(dead.iter().map(|d| &d.message));
     let attempts: Vec<i32> = dead.iter().map(|d| d.message.attempts + 1).collect();
     let reasons: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
-    let created: Vec<DateTime<Utc>> = dead.iter().map(|d| d.message.created_at).collect();
-    Ok(sqlx::query(
-        "INSERT INTO outbox.dead_letters (id, exchange, routing_key, payload, headers, \
-             content_type, ordering_key, dedupe_key, attempts, reason, created_at) \
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bytea[], $5::jsonb[], \
-                              $6::text[], $7::text[], $8::text[], $9::int[], $10::text[], \
-                              $11::timestamptz[])",
-    )
-    .bind(&ids)
-    .bind(&exchanges)
-    .bind(&routing_keys)
-    .bind(&payloads)
-    .bind(&headers)
-    .bind(&content_types)
-    .bind(&ordering_keys)
-    .bind(&dedupe_keys)
-    .bind(&attempts)
-    .bind(&reasons)
-    .bind(&created)
-    .execute(conn)
-    .await?
-    .rows_affected())
+    let sql = format!(
+        "INSERT INTO outbox.dead_letters ({COLUMNS_NAMES}, attempts, reason) \
+         SELECT * FROM unnest({COLUMNS_UNNEST}, $10::int[], $11::text[])"
+    );
+    Ok(columns
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .bind(&attempts)
+        .bind(&reasons)
+        .execute(conn)
+        .await?
+        .rows_affected())
 }
 
 /// Moves rows to the dead-letter table with their reasons (one per id).

@@ -322,6 +322,17 @@ async fn mid_stream(p: &Pipeline) {
     }
 }
 
+/// SIGKILLs each consumer in turn and starts a replacement, half a second apart.
+async fn kill_consumers_in_turn(p: &mut Pipeline) {
+    for i in 0..2 {
+        p.consumers[i].kill().unwrap();
+        p.consumers[i].wait().unwrap();
+        let replacement = p.spawn_consumer();
+        p.consumers[i] = replacement;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let status = Command::new(cmd)
         .args(args)
@@ -351,13 +362,7 @@ async fn fault_consumer_sigkill() {
     let producer = p.produce();
     mid_stream(&p).await;
     // Kill both in turn: whichever is the active consumer dies with work in flight.
-    for i in 0..2 {
-        p.consumers[i].kill().unwrap();
-        p.consumers[i].wait().unwrap();
-        let replacement = p.spawn_consumer();
-        p.consumers[i] = replacement;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    kill_consumers_in_turn(&mut p).await;
     producer.await.unwrap();
     p.verify("consumer SIGKILL").await;
 }
@@ -370,13 +375,7 @@ async fn fault_consumer_sigkill_batched() {
     let mut p = Pipeline::start_with(None, Consumers::Batched(50)).await;
     let producer = p.produce();
     mid_stream(&p).await;
-    for i in 0..2 {
-        p.consumers[i].kill().unwrap();
-        p.consumers[i].wait().unwrap();
-        let replacement = p.spawn_consumer();
-        p.consumers[i] = replacement;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    kill_consumers_in_turn(&mut p).await;
     producer.await.unwrap();
     p.verify("consumer SIGKILL, batched").await;
 }
