@@ -6,9 +6,9 @@
 //! [`trace`] → [`limit`] (rate and concurrency) and [`breaker`] → [`timeout`] →
 //! [`idempotency`] → [`lock`] → [`retry`] → [`proxy`]. Every layer answers with a response
 //! (never an error): refusals are [`problem`] documents. [`caller`] maps bearer tokens to caller
-//! ids, [`headers`] holds hop-by-hop and request-id handling, [`tls`] the trust for `https://`
-//! upstreams, [`metrics`] the Prometheus
-//! recorder. Idempotency records and locks live in PostgreSQL (schema `gateway`, migration
+//! ids, [`headers`] holds hop-by-hop and request-id handling, [`pool`] the keep-alive
+//! connections to upstreams, [`tls`] the trust for `https://` upstreams, [`metrics`] the
+//! Prometheus recorder. Idempotency records and locks live in PostgreSQL (schema `gateway`, migration
 //! `0003_gateway.sql` in `outbox::MIGRATOR`) or Redis, so gateways are stateless and any number
 //! can run side by side.
 #![warn(missing_docs)]
@@ -21,6 +21,7 @@ pub mod idempotency;
 pub mod limit;
 pub mod lock;
 pub mod metrics;
+pub mod pool;
 pub mod problem;
 pub mod proxy;
 pub mod retry;

@@ -11,20 +11,17 @@ use std::{
 };
 
 use axum::{body::Body, response::IntoResponse};
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use http_body_util::Full;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper_rustls::HttpsConnectorBuilder;
+use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
 use crate::{
     config::{RouteConfig, Upstream, parse_upstream},
     headers::{RequestId, X_REQUEST_ID, strip_hop_by_hop},
+    pool::{Connector, Pool},
     problem::{GatewayRequest, GatewayResponse, Problem, UpstreamOutcome},
 };
 
@@ -33,31 +30,36 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ForwardPath(pub String);
 
-/// One pooled HTTP/1.1 client shared by every route: connections to an upstream are reused.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Builds the shared client: plain HTTP, or TLS with `tls` for `https://` upstreams.
-pub fn client(tls: rustls::ClientConfig) -> UpstreamClient {
+/// Builds the connector every upstream pool dials with: plain HTTP, or TLS with `tls` for
+/// `https://` upstreams.
+pub fn connector(tls: rustls::ClientConfig) -> Connector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     // The TLS wrapper decides by scheme; the inner connector must accept https URIs.
     http.enforce_http(false);
-    let connector = HttpsConnectorBuilder::new()
+    HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
-        .build(connector)
+        .wrap_connector(http)
+}
+
+/// The pool for an upstream: up to 64 idle keep-alive connections, closed after 60 s idle.
+pub fn pool(connector: Connector, upstream: &Upstream) -> Arc<Pool> {
+    let target = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query("/")
+        .build()
+        .expect("validated upstream");
+    Pool::new(connector, target, 64, Duration::from_secs(60))
 }
 
 /// Forwards to one upstream.
 #[derive(Clone)]
 pub struct Proxy {
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     upstream: Arc<Upstream>,
     forward_authorization: bool,
     set_headers: Arc<HeaderMap>,
@@ -66,7 +68,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// For a validated route.
-    pub fn new(client: UpstreamClient, route: &RouteConfig) -> Self {
+    pub fn new(pool: Arc<Pool>, route: &RouteConfig) -> Self {
         let upstream = parse_upstream(&route.upstream).expect("validated upstream");
         let mut set_headers = HeaderMap::new();
         for (k, v) in &route.set_headers {
@@ -88,7 +90,7 @@ impl Proxy {
         };
         let host = HeaderValue::try_from(host).expect("an authority is a valid Host value");
         Self {
-            client,
+            pool,
             host,
             upstream: Arc::new(upstream),
             forward_authorization: route.forward_authorization,
@@ -129,13 +131,9 @@ impl Proxy {
             t.push_str(&rest);
             t
         };
-        let uri = match Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
-            .path_and_query(target)
-            .build()
-        {
-            Ok(u) => u,
+        // Origin form on the wire; the connection itself goes to the configured upstream.
+        let uri = match http::uri::PathAndQuery::try_from(target) {
+            Ok(pq) => Uri::from(pq),
             Err(e) => {
                 return Problem::new(StatusCode::BAD_REQUEST, "bad-path", "Bad request path")
                     .detail(e.to_string())
@@ -161,7 +159,7 @@ impl Proxy {
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = headers;
-        match self.client.request(out).await {
+        match self.pool.send(out).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

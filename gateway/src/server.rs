@@ -148,7 +148,9 @@ impl Gateway {
             (None, None) => unreachable!("validated config names a store"),
         };
         let tls = crate::tls::client_config(config.tls_roots, config.tls_ca_file.as_deref())?;
-        let client = crate::proxy::client(tls);
+        let connector = crate::proxy::connector(tls);
+        // One connection pool per upstream, shared by the routes that name it.
+        let mut pools: HashMap<String, Arc<crate::pool::Pool>> = HashMap::new();
         let mut breakers: HashMap<String, Arc<Breaker>> = HashMap::new();
         let mut routes = Vec::new();
         for route in &config.routes {
@@ -197,7 +199,13 @@ impl Gateway {
                         .as_ref()
                         .map(|r| RetryLayer::new(RetrySettings::new(&label, r))),
                 )
-                .service(Proxy::new(client.clone(), route));
+                .service(Proxy::new(
+                    pools
+                        .entry(format!("{}://{}", upstream.scheme, upstream.authority))
+                        .or_insert_with(|| crate::proxy::pool(connector.clone(), &upstream))
+                        .clone(),
+                    route,
+                ));
             routes.push(RouteEntry {
                 prefix: route.normalized_prefix(),
                 max_body: route.max_body_bytes.unwrap_or(config.max_body_bytes),
