@@ -154,16 +154,22 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     broker::declare_queue(&channel, &queue).await?;
 
     let (mut off, mut on) = (0.0, 0.0);
+    // Phase marks for bench/scripts/cpu-split.py, which attributes CPU time per phase.
     for _ in 0..rounds {
+        eprintln!("# phase relay_stopped");
         off += max_rate(&db, &queue, secs).await?;
+        eprintln!("# phase idle");
         // Start the next round from an empty outbox, as the relay-on round will keep it.
         let relay = RunningRelay::start(db.pool.clone(), relay_config(&db, false));
         crate::wait_drained(&db.pool, Instant::now()).await?;
+        eprintln!("# phase relay_running");
         on += max_rate(&db, &queue, secs).await?;
+        eprintln!("# phase idle");
         crate::wait_drained(&db.pool, Instant::now()).await?;
         relay.stop().await?;
         broker::purge(&channel, &queue).await?;
     }
+    eprintln!("# phase latency");
     report.push(Figure::new(
         "producer_commit_rate_relay_running",
         on / rounds as f64,
