@@ -143,7 +143,9 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect().await?;
+        // Boxed: the connect and TLS handshake states are large and rarely needed, and would
+        // otherwise be moved around with every request's future.
+        let mut sender = Box::pin(self.connect()).await?;
         let resp = sender
             .send_request(req)
             .await

@@ -58,11 +58,14 @@ pub fn pool(connector: Connector, upstream: &Upstream) -> Arc<Pool> {
 
 /// Forwards to one upstream.
 #[derive(Clone)]
-pub struct Proxy {
+pub struct Proxy(Arc<Route>);
+
+/// What a [`Proxy`] needs per request, behind one `Arc`.
+struct Route {
     pool: Arc<Pool>,
-    upstream: Arc<Upstream>,
+    upstream: Upstream,
     forward_authorization: bool,
-    set_headers: Arc<HeaderMap>,
+    set_headers: HeaderMap,
     host: HeaderValue,
 }
 
@@ -89,13 +92,13 @@ impl Proxy {
             _ => upstream.authority.host().to_owned(),
         };
         let host = HeaderValue::try_from(host).expect("an authority is a valid Host value");
-        Self {
+        Self(Arc::new(Route {
             pool,
             host,
-            upstream: Arc::new(upstream),
+            upstream,
             forward_authorization: route.forward_authorization,
-            set_headers: Arc::new(set_headers),
-        }
+            set_headers,
+        }))
     }
 }
 
@@ -110,13 +113,13 @@ impl Service<GatewayRequest> for Proxy {
     }
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.forward(req).await) })
+        let route = self.0.clone();
+        Box::pin(async move { Ok(route.forward(req).await) })
     }
 }
 
-impl Proxy {
-    async fn forward(self, req: GatewayRequest) -> GatewayResponse {
+impl Route {
+    async fn forward(&self, req: GatewayRequest) -> GatewayResponse {
         let (mut parts, body) = req.into_parts();
         let rest = parts
             .extensions
