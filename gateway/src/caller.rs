@@ -21,9 +21,11 @@ impl Caller {
 
 /// Token to caller lookup. Tokens are kept as SHA-256 digests so the lookup compares digests,
 /// not secrets, and a memory dump does not show them verbatim.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Callers {
     by_digest: HashMap<[u8; 32], Caller>,
+    /// Shared, so an unauthenticated request does not allocate its caller id.
+    anonymous: Caller,
 }
 
 impl Callers {
@@ -38,7 +40,10 @@ impl Callers {
                 )
             })
             .collect();
-        Self { by_digest }
+        Self {
+            by_digest,
+            anonymous: Caller::anonymous(),
+        }
     }
 
     /// Whether a token is required.
@@ -49,7 +54,7 @@ impl Callers {
     /// The caller of a request, or the 401 to answer.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, Problem> {
         if !self.enabled() {
-            return Ok(Caller::anonymous());
+            return Ok(self.anonymous.clone());
         }
         let unauthorized = |detail: &str| {
             Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized")

@@ -24,26 +24,52 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || *name == PROXY_CONNECTION
-}
-
 /// Removes the standard hop-by-hop headers and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names, no hashing, settles it.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names notes which hop-by-hop headers are there (most messages carry
+    // none, or only `Connection`); only those are then looked up and removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if *name == PROXY_CONNECTION {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    if present == 0 {
         return;
     }
-    let mut remove: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    remove.extend(headers.keys().filter(|n| is_hop_by_hop(n)).cloned());
-    for name in &remove {
-        headers.remove(name);
+    // HOP_BY_HOP[0] is `Connection`.
+    if present & 1 != 0 {
+        if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+                .collect();
+            for name in &named {
+                headers.remove(name);
+            }
+            headers.remove(header::CONNECTION);
+        } else if let Some(value) = headers.remove(header::CONNECTION)
+            && let Ok(value) = value.to_str()
+        {
+            // Looked up by `&str`: parsed on the stack, nothing allocated; a token that is not
+            // a header name matches nothing.
+            for name in value.split(',') {
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(&PROXY_CONNECTION);
     }
 }
 
@@ -89,6 +115,32 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_connection_header_and_what_it_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-One , keep-alive"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-two"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, ,bad name"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["host"]);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! recorder), installed on first use, so several gateways in one test process share it.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, OnceLock, RwLock},
     time::Duration,
 };
@@ -52,12 +51,14 @@ pub fn record_request(route: &str, caller: &str, status: StatusCode, elapsed: Du
 }
 
 /// One route's request counters and latency histogram, registered once and then reused: the
-/// per-request cost is a map lookup under a read lock instead of building, hashing and
+/// per-request cost is a short scan under a read lock instead of building, hashing and
 /// registering a labelled key.
 pub struct RouteMetrics {
     route: Arc<str>,
     duration: OnceLock<metrics::Histogram>,
-    counters: RwLock<HashMap<(Arc<str>, u16), metrics::Counter>>,
+    /// (status, caller, counter). Callers come from the config and statuses are three digits,
+    /// and a route sees few combinations: a list scanned in order beats hashing the caller.
+    counters: RwLock<Vec<(u16, Arc<str>, metrics::Counter)>>,
 }
 
 impl RouteMetrics {
@@ -66,7 +67,7 @@ impl RouteMetrics {
         Self {
             route: Arc::from(route),
             duration: OnceLock::new(),
-            counters: RwLock::new(HashMap::new()),
+            counters: RwLock::new(Vec::new()),
         }
     }
 
@@ -77,27 +78,25 @@ impl RouteMetrics {
 
     /// The same as [`record_request`] for this route.
     pub fn record(&self, caller: &Arc<str>, status: StatusCode, elapsed: Duration) {
-        let key = (caller.clone(), status.as_u16());
-        let found = self
-            .counters
-            .read()
-            .expect("metrics lock")
-            .get(&key)
-            .cloned();
+        let status = status.as_u16();
+        let find = |list: &[(u16, Arc<str>, metrics::Counter)]| {
+            list.iter()
+                .find(|(s, c, _)| *s == status && (Arc::ptr_eq(c, caller) || **c == **caller))
+                .map(|(_, _, counter)| counter.clone())
+        };
+        let found = find(&self.counters.read().expect("metrics lock"));
         let counter = found.unwrap_or_else(|| {
-            let labels = [
-                ("route", self.route.to_string()),
-                ("caller", caller.to_string()),
-                ("status", status.as_u16().to_string()),
-            ];
-            let counter = metrics::counter!("gateway_requests_total", &labels);
-            // Callers come from the config and statuses are three digits: the map stays small.
-            self.counters
-                .write()
-                .expect("metrics lock")
-                .entry(key)
-                .or_insert(counter)
-                .clone()
+            let mut list = self.counters.write().expect("metrics lock");
+            find(&list).unwrap_or_else(|| {
+                let labels = [
+                    ("route", self.route.to_string()),
+                    ("caller", caller.to_string()),
+                    ("status", status.to_string()),
+                ];
+                let counter = metrics::counter!("gateway_requests_total", &labels);
+                list.push((status, caller.clone(), counter.clone()));
+                counter
+            })
         });
         counter.increment(1);
         self.duration
