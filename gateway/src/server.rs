@@ -12,6 +12,7 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -22,7 +23,7 @@ use hyper_util::{
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tower::{ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::{
     breaker::{Breaker, BreakerLayer},
@@ -70,7 +71,39 @@ pub enum StartError {
     },
 }
 
-type RouteService = BoxCloneSyncService<GatewayRequest, GatewayResponse, Infallible>;
+type RouteFuture = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
+
+/// A route's stack behind one shared pointer: each request calls a clone of the concrete stack
+/// (reference counts, no allocation) and gets the outermost layer's boxed future as it is.
+type RouteService = Arc<dyn Fn(GatewayRequest) -> RouteFuture + Send + Sync>;
+
+fn route_service<S>(stack: S) -> RouteService
+where
+    S: Service<
+            GatewayRequest,
+            Response = GatewayResponse,
+            Error = Infallible,
+            Future = RouteFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    Arc::new(move |req| {
+        let mut svc = stack.clone();
+        // No layer holds requests back in `poll_ready`, so it answers at once; should one ever
+        // not be ready, the request waits for it properly.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match svc.poll_ready(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => svc.call(req),
+            std::task::Poll::Ready(Err(never)) => match never {},
+            std::task::Poll::Pending => Box::pin(async move {
+                ServiceExt::ready(&mut svc).await?;
+                svc.call(req).await
+            }),
+        }
+    })
+}
 
 struct RouteEntry {
     prefix: String,
@@ -210,7 +243,7 @@ impl Gateway {
                 prefix: route.normalized_prefix(),
                 max_body: route.max_body_bytes.unwrap_or(config.max_body_bytes),
                 timeout: Duration::from_millis(route.timeout_ms),
-                service: BoxCloneSyncService::new(stack),
+                service: route_service(stack),
             });
         }
         // Longest prefix first, so `/pay/refunds` wins over `/pay`.
@@ -581,7 +614,7 @@ async fn route_request(shared: &Shared, req: Request<Body>, id: HeaderValue) -> 
     parts.extensions.insert(RequestId(id));
     parts.extensions.insert(ForwardPath(forward));
     let req = Request::from_parts(parts, bytes);
-    match entry.service.clone().oneshot(req).await {
+    match (entry.service)(req).await {
         Ok(r) => r,
         Err(never) => match never {},
     }
