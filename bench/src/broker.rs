@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::{MaybeDone, maybe_done};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
@@ -31,10 +32,18 @@ pub async fn declare_queue(channel: &Channel, name: &str) -> anyhow::Result<()> 
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            queue_args(),
         )
         .await?;
     Ok(())
+}
+
+fn queue_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    if let Ok(kind) = std::env::var("BENCH_QUEUE_TYPE") {
+        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(kind.into()));
+    }
+    args
 }
 
 /// Empties a queue.
@@ -68,40 +77,51 @@ pub async fn raw_publish(
         .await?;
     let body = vec![b'x'; size];
     let started = Instant::now();
+    // As the relay does: each publish is polled once (which queues its frames), and its write
+    // and confirm are awaited later, so lapin's I/O thread writes many messages per wake-up.
     let mut pending = VecDeque::with_capacity(in_flight);
     for i in 0..n {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                BasicProperties::default()
-                    .with_message_id(i.to_string().into())
-                    .with_delivery_mode(2),
-            )
-            .await?;
-        pending.push_back(confirm);
+        let mut send = Box::pin(maybe_done(channel.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            BasicProperties::default()
+                .with_message_id(i.to_string().into())
+                .with_delivery_mode(2),
+        )));
+        let _ = futures::poll!(send.as_mut());
+        pending.push_back(send);
         if pending.len() >= in_flight {
-            let c = pending.pop_front().expect("non-empty");
-            anyhow::ensure!(
-                matches!(c.await?, Confirmation::Ack(None)),
-                "raw publish not acked"
-            );
+            confirmed(pending.pop_front().expect("non-empty")).await?;
         }
     }
-    for c in pending {
-        anyhow::ensure!(
-            matches!(c.await?, Confirmation::Ack(None)),
-            "raw publish not acked"
-        );
+    for send in pending {
+        confirmed(send).await?;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let _ = channel.close(200, "done".into()).await;
     Ok(rate)
+}
+
+/// Waits for a queued publish to be written and confirmed.
+async fn confirmed<F>(mut send: std::pin::Pin<Box<MaybeDone<F>>>) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = lapin::Result<lapin::PublisherConfirm>>,
+{
+    send.as_mut().await;
+    let confirm = send
+        .as_mut()
+        .take_output()
+        .ok_or_else(|| anyhow::anyhow!("publish has no result"))??;
+    anyhow::ensure!(
+        matches!(confirm.await?, Confirmation::Ack(None)),
+        "raw publish not acked"
+    );
+    Ok(())
 }
 
 /// Arrival times by `message_id`, filled by a consumer task.

@@ -94,12 +94,16 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let queue = integration_tests::unique_name("bench_drain");
     broker::declare_queue(&channel, &queue).await?;
 
-    // Baseline (a), measured before and after the relay; their mean is the ceiling.
+    // Baseline (a), measured before and after the relay; their mean is the ceiling. Phase marks
+    // are for bench/scripts/cpu-split.py.
+    eprintln!("# phase raw_publish");
     let raw_before =
         broker::raw_publish(&connection, &queue, n as usize, SIZE as usize, 1000).await?;
     broker::purge(&channel, &queue).await?;
 
+    eprintln!("# phase idle");
     fill(&db.pool, &queue, n).await?;
+    eprintln!("# phase relay_drain");
     let started = Instant::now();
     let relay = RunningRelay::start(db.pool.clone(), relay_config(&db, false));
     let took = wait_drained(&db.pool, started).await?;
@@ -107,12 +111,14 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let relay_rate = n as f64 / took.as_secs_f64();
     broker::purge(&channel, &queue).await?;
 
+    eprintln!("# phase raw_publish");
     let raw_after =
         broker::raw_publish(&connection, &queue, n as usize, SIZE as usize, 1000).await?;
     broker::purge(&channel, &queue).await?;
     let raw = (raw_before + raw_after) / 2.0;
 
     // Baseline (b).
+    eprintln!("# phase idle");
     fill(&db.pool, &queue, naive_n).await?;
     let naive = naive_drain(&db.pool, &connection, naive_n as i64).await?;
     broker::delete_queue(&channel, &queue).await?;
