@@ -41,7 +41,10 @@ pub async fn declare_queue(channel: &Channel, name: &str) -> anyhow::Result<()> 
 fn queue_args() -> FieldTable {
     let mut args = FieldTable::default();
     if let Ok(kind) = std::env::var("BENCH_QUEUE_TYPE") {
-        args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(kind.into()));
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString(kind.into()),
+        );
     }
     args
 }
@@ -81,18 +84,20 @@ pub async fn raw_publish(
     // and confirm are awaited later, so lapin's I/O thread writes many messages per wake-up.
     let mut pending = VecDeque::with_capacity(in_flight);
     for i in 0..n {
-        let mut send = Box::pin(maybe_done(channel.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body,
-            BasicProperties::default()
-                .with_message_id(i.to_string().into())
-                .with_delivery_mode(2),
-        )));
+        let mut send = Box::pin(maybe_done(
+            channel.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                BasicProperties::default()
+                    .with_message_id(i.to_string().into())
+                    .with_delivery_mode(2),
+            ),
+        ));
         let _ = futures::poll!(send.as_mut());
         pending.push_back(send);
         if pending.len() >= in_flight {

@@ -142,6 +142,21 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
         .parse()?)
 }
 
+/// The `outbox-relay` binary relaying `database_url`'s outbox, as it is deployed: its own
+/// process beside the producers, with its default settings.
+pub fn spawn_relay(database_url: &str) -> anyhow::Result<Process> {
+    let mut command = Command::new(workspace_binary("outbox-relay", "outbox-relay", false)?);
+    command
+        .arg("run")
+        .env("DATABASE_URL", database_url)
+        .env("AMQP_URL", integration_tests::amqp_url())
+        .env("RELAY_HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    Process::spawn("relay", command)
+}
+
 /// A loopback port free at the moment of the call (the kernel picks it).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -2,7 +2,9 @@
 //! message, against (a) a raw lapin consumer that only acks (same queue size and prefetch) and
 //! (b) the database's commit ceiling at the same concurrency: 8 connections each doing what
 //! the library does per message (insert an inbox row + insert an effect row + commit) with no
-//! broker (target ≥ 0.8 × (b)). Batching is measured twice: the library again with
+//! broker (target ≥ 0.8 × (b)); and (c) the same per-message work written by hand on lapin and
+//! sqlx, which shows what the broker's deliveries and acks cost before any library code runs
+//! (the library is measured against it too). Batching is measured twice: the library again with
 //! `batch_size` 50 (its transactions take the deliveries waiting, up to 50), and on the
 //! database side alone, K messages' rows per commit vs one.
 
@@ -145,6 +147,102 @@ async fn library_drain(
     Ok(rate)
 }
 
+/// The least any consumer with an inbox does per message here, written by hand: a lapin
+/// consumer (same prefetch) feeding `CONCURRENCY` tasks, each on one connection held for the
+/// whole run; per message `BEGIN`, the inbox insert, the effect insert, `COMMIT`, then the ack.
+/// None of the library's bookkeeping (retries, dead letters, metrics, spans, reconnects), so
+/// the library's own cost is what separates it from this. Returns msg/s.
+async fn hand_drain(
+    db: &integration_tests::TestDb,
+    connection: &lapin::Connection,
+    queue: &str,
+    n: u64,
+) -> anyhow::Result<f64> {
+    sqlx::query("TRUNCATE bench_effects")
+        .execute(&db.pool)
+        .await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32)
+        .connect(&db.url)
+        .await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (sender, receiver) =
+        tokio::sync::mpsc::channel::<lapin::message::Delivery>(PREFETCH as usize);
+    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    let mut workers = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (pool, receiver) = (pool.clone(), receiver.clone());
+        workers.push(tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut conn = pool.acquire().await?;
+            let mut applied = 0u64;
+            loop {
+                let Some(delivery) = receiver.lock().await.recv().await else {
+                    return anyhow::Ok(applied);
+                };
+                let id: i64 = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("no message_id"))?
+                    .as_str()
+                    .parse()?;
+                let mut tx = conn.begin().await?;
+                let fresh = sqlx::query(
+                    "INSERT INTO inbox.processed (consumer, message_id) VALUES ('bench_hand', $1) \
+                     ON CONFLICT (consumer, message_id) DO NOTHING",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if fresh {
+                    sqlx::query("INSERT INTO bench_effects (message_id) VALUES ($1)")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                applied += u64::from(fresh);
+            }
+        }));
+    }
+    for _ in 0..n {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("hand-written consumer stalled"))?
+            .ok_or_else(|| anyhow::anyhow!("hand-written consumer stream ended"))??;
+        sender.send(delivery).await?;
+    }
+    drop(sender);
+    let mut applied = 0;
+    for w in workers {
+        applied += w.await??;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        applied == n,
+        "hand-written consumer applied {applied} of {n}"
+    );
+    let _ = channel.close(200, "done".into()).await;
+    pool.close().await;
+    Ok(rate)
+}
+
 /// A raw lapin consumer that only acks, one ack per message; returns msg/s.
 async fn raw_drain(connection: &lapin::Connection, queue: &str, n: u64) -> anyhow::Result<f64> {
     let channel = connection.create_channel().await?;
@@ -246,25 +344,41 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let raw_queue = integration_tests::unique_name("bench_consume_raw");
     broker::declare_queue(&channel, &raw_queue).await?;
     prefill(&connection, &raw_queue, n).await?;
+    // Phase marks for bench/scripts/cpu-split.py.
+    eprintln!("# phase raw_consumer");
     let raw = raw_drain(&connection, &raw_queue, n as u64).await?;
+    eprintln!("# phase idle");
     broker::delete_queue(&channel, &raw_queue).await?;
 
     // The library. Its queue is a plain durable queue, as the library declares it.
     let queue = integration_tests::unique_name("bench_consume");
     broker::declare_queue(&channel, &queue).await?;
     prefill(&connection, &queue, n).await?;
+    eprintln!("# phase library");
     let library = library_drain(&db, &queue, n as u64, 1).await?;
     broker::delete_queue(&channel, &queue).await?;
+
+    // Baseline (c): the same per-message work written by hand.
+    let hand_queue = integration_tests::unique_name("bench_consume_hand");
+    broker::declare_queue(&channel, &hand_queue).await?;
+    prefill(&connection, &hand_queue, n).await?;
+    eprintln!("# phase hand_written");
+    let hand = hand_drain(&db, &connection, &hand_queue, n as u64).await?;
+    eprintln!("# phase idle");
+    broker::delete_queue(&channel, &hand_queue).await?;
 
     // The library again, batching.
     let queue = integration_tests::unique_name("bench_consume_batch");
     broker::declare_queue(&channel, &queue).await?;
     prefill(&connection, &queue, n).await?;
+    eprintln!("# phase library_batched");
     let library_batched = library_drain(&db, &queue, n as u64, LIBRARY_BATCH).await?;
     broker::delete_queue(&channel, &queue).await?;
 
     // Baseline (b) and batching, on the same (now populated) tables.
+    eprintln!("# phase db_ceiling");
     let ceiling = commit_ceiling(&db, 1, secs).await?;
+    eprintln!("# phase db_ceiling_batched");
     let batched = commit_ceiling(&db, BATCH, secs).await?;
 
     report.push(Figure::new(
@@ -281,6 +395,22 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         "msg/s",
         "raw_ack_only_consumer",
         raw,
+        None,
+    ));
+    report.push(Figure::new(
+        "consumer_inbox_drain",
+        library,
+        "msg/s",
+        "hand_written_inbox_consumer",
+        hand,
+        None,
+    ));
+    report.push(Figure::new(
+        "hand_written_inbox_consumer",
+        hand,
+        "msg/s",
+        "db_commit_ceiling_8conn",
+        ceiling,
         None,
     ));
     report.push(Figure::new(

@@ -106,14 +106,24 @@ fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
         return Ok(None);
     }
     eprintln!("# nginx missing: apt-get install -y nginx");
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "nginx"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        // Keeps the package's scripts from starting the system service; the bench runs its own.
-        .env("RUNLEVEL", "1")
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "apt-get install -y nginx failed");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "nginx"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // Keeps the package's scripts from starting the system service; the bench runs its own.
+            .env("RUNLEVEL", "1")
+            .stdout(Stdio::null())
+            .status()
+    };
+    if !install()?.success() {
+        // Package lists missing or stale on a fresh machine: refresh them once and retry.
+        eprintln!("# apt-get install failed: apt-get update, then again");
+        let _ = Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(install()?.success(), "apt-get install -y nginx failed");
+    }
     Ok(find().map(PathBuf::from))
 }
 

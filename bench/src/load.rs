@@ -19,7 +19,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::child::{Process, workspace_binary};
+use crate::child::{Process, spawn_relay, workspace_binary};
 use crate::gateway::GatewayProcess;
 use crate::http_load::{Load, run_checked};
 use crate::{Figure, Report, Scale, broker, upstream};
@@ -153,7 +153,6 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let rate = scale.pick(2000.0, 200.0);
     let secs = Duration::from_secs(scale.pick(120, 3));
     let every = Duration::from_secs(scale.pick(5, 1));
-    let relay_bin = workspace_binary("outbox-relay", "outbox-relay", false)?;
     let consumer_bin = workspace_binary("consumer-lib", "inventory", true)?;
 
     let db = integration_tests::fresh_db().await;
@@ -189,16 +188,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         consumer.ensure_running()?;
         return Err(e);
     }
-    let mut relay_cmd = std::process::Command::new(relay_bin);
-    relay_cmd
-        .arg("run")
-        .env("DATABASE_URL", &db.url)
-        .env("AMQP_URL", integration_tests::amqp_url())
-        .env("RELAY_HTTP_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit());
-    let mut relay = Process::spawn("relay", relay_cmd)?;
+    let mut relay = spawn_relay(&db.url)?;
     let upstream = upstream::start().await?;
     let gateway = GatewayProcess::start(upstream.addr, "postgres", &db.url).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;

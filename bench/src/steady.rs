@@ -159,13 +159,17 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         eprintln!("# phase relay_stopped");
         off += max_rate(&db, &queue, secs).await?;
         eprintln!("# phase idle");
-        // Start the next round from an empty outbox, as the relay-on round will keep it.
-        let relay = RunningRelay::start(db.pool.clone(), relay_config(&db, false));
+        // The relay as deployed: the `outbox-relay` binary in its own process, so its work
+        // competes with the producers for the machine, not for their async runtime. The next
+        // round starts from an empty outbox, as the relay-on round will keep it.
+        let mut relay = crate::child::spawn_relay(&db.url)?;
         crate::wait_drained(&db.pool, Instant::now()).await?;
+        relay.ensure_running()?;
         eprintln!("# phase relay_running");
         on += max_rate(&db, &queue, secs).await?;
         eprintln!("# phase idle");
         crate::wait_drained(&db.pool, Instant::now()).await?;
+        relay.ensure_running()?;
         relay.stop().await?;
         broker::purge(&channel, &queue).await?;
     }

@@ -193,8 +193,9 @@ impl Config {
                 "must be at most 1000 (delayed messages are promised within 1 s of due)",
             );
         }
-        if self.db_pool_size < (self.workers as u32 + 2) {
-            return invalid("db_pool_size", "must be at least workers + 2");
+        // Each worker holds up to two transactions (a batch in flight while it claims the next).
+        if self.db_pool_size < (2 * self.workers as u32 + 2) {
+            return invalid("db_pool_size", "must be at least 2 × workers + 2");
         }
         if let Err(e) = self.checkback.validate() {
             return invalid("checkback", e.to_string());

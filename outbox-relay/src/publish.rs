@@ -15,6 +15,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
 };
 
 use crate::claim::Claimed;
@@ -121,13 +122,19 @@ impl Publisher {
     }
 
     /// Publishes `batch` and returns one outcome per message, in order.
+    pub async fn publish(&mut self, batch: &[Claimed]) -> Vec<Outcome> {
+        self.send(batch).await.outcomes().await
+    }
+
+    /// Writes `batch` to the channel and returns without waiting for its confirms, so the
+    /// caller can claim the next batch meanwhile; [`Sent::outcomes`] waits for them.
     ///
     /// lapin's `basic_publish` future registers the confirm and queues the frames on its first
     /// poll, then waits until its I/O thread has written them. Awaiting each in turn would cost
     /// two thread switches per message; instead each is polled once, in batch order (the order
     /// on the wire, which keeps per-key order), and the writes are awaited together, so the I/O
     /// thread writes the batch in a few large writes.
-    pub async fn publish(&mut self, batch: &[Claimed]) -> Vec<Outcome> {
+    pub async fn send(&mut self, batch: &[Claimed]) -> Sent {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         for (i, msg) in batch.iter().enumerate() {
             match self.exchange_exists(&msg.exchange).await {
@@ -173,7 +180,30 @@ impl Publisher {
             }
         }
 
-        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        Sent {
+            outcomes,
+            pending,
+            deadline: tokio::time::Instant::now() + self.confirm_timeout,
+        }
+    }
+}
+
+/// A batch written to the channel whose confirms are outstanding.
+pub struct Sent {
+    outcomes: Vec<Option<Outcome>>,
+    pending: Vec<(usize, PublisherConfirm)>,
+    deadline: tokio::time::Instant,
+}
+
+impl Sent {
+    /// Waits for the confirms (until the confirm timeout, counted from the send) and returns
+    /// one outcome per message of the batch, in order.
+    pub async fn outcomes(self) -> Vec<Outcome> {
+        let Sent {
+            mut outcomes,
+            pending,
+            deadline,
+        } = self;
         let confirms = join_all(pending.into_iter().map(|(i, confirm)| async move {
             let outcome = match tokio::time::timeout_at(deadline, confirm).await {
                 Ok(Ok(Confirmation::Ack(None))) => Outcome::Confirmed,

@@ -16,15 +16,15 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use metrics::{counter, gauge, histogram};
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::claim::{self, Failure, RetryPolicy};
+use crate::claim::{self, Claimed, Failure, RetryPolicy};
 use crate::config::Config;
-use crate::publish::{Outcome, Publisher};
+use crate::publish::{Outcome, Publisher, Sent};
 
 /// Shared state the HTTP endpoints read.
 #[derive(Debug, Default)]
@@ -118,7 +118,7 @@ async fn run_worker(
             continue;
         };
 
-        match relay_batch(p, &pool, config.batch_size, &policy).await {
+        match relay_batches(p, &pool, config.batch_size, &policy, &shutdown).await {
             Ok(0) => {
                 db_backoff = reconnect_backoff();
                 tokio::select! {
@@ -153,13 +153,52 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
     }
 }
 
-/// One claim → publish → settle cycle. Returns how many rows were claimed.
-async fn relay_batch(
+/// Claims and publishes batches while they come back full, keeping one batch's confirms in
+/// flight while the next is claimed, so the broker is not left idle during the claim; then
+/// settles the last. Returns the size of the last claim (0: the outbox had nothing due).
+///
+/// Order per key holds across the two open transactions: the next claim still sees the rows
+/// the first one deleted (not yet committed), so it takes no later message of their keys.
+async fn relay_batches(
     publisher: &mut Publisher,
     pool: &PgPool,
     limit: i64,
     policy: &RetryPolicy,
+    shutdown: &CancellationToken,
 ) -> Result<usize, sqlx::Error> {
+    let Some(mut current) = claim_and_send(publisher, pool, limit).await? else {
+        return Ok(0);
+    };
+    loop {
+        let claimed = current.batch.len();
+        if (claimed as i64) < limit || shutdown.is_cancelled() {
+            settle_batch(current, policy).await?;
+            return Ok(claimed);
+        }
+        let next = claim_and_send(publisher, pool, limit).await;
+        // The batch in flight is settled whatever happened to the next claim.
+        settle_batch(current, policy).await?;
+        match next? {
+            Some(batch) => current = batch,
+            None => return Ok(0),
+        }
+    }
+}
+
+/// A claimed batch written to the broker, its confirms outstanding, its transaction open.
+struct InFlight {
+    tx: Transaction<'static, Postgres>,
+    batch: Vec<Claimed>,
+    sent: Sent,
+    started: Instant,
+}
+
+/// Claims up to `limit` rows and writes them to the broker; `None` when nothing is due.
+async fn claim_and_send(
+    publisher: &mut Publisher,
+    pool: &PgPool,
+    limit: i64,
+) -> Result<Option<InFlight>, sqlx::Error> {
     // The rows this transaction deletes were already confirmed by the broker. If a crash loses
     // the commit, they are simply published again (at least once; consumers dedupe by id), so
     // the relay need not wait for its WAL flush, and leaves the disk to the producers' commits.
@@ -170,13 +209,30 @@ async fn relay_batch(
     let batch = claim::claim(&mut tx, limit).await?;
     if batch.is_empty() {
         tx.commit().await?;
-        return Ok(0);
+        return Ok(None);
     }
     let started = Instant::now();
-    let outcomes = publisher.publish(&batch).await;
+    let sent = publisher.send(&batch).await;
+    Ok(Some(InFlight {
+        tx,
+        batch,
+        sent,
+        started,
+    }))
+}
+
+/// Waits for a batch's confirms, then in its transaction deletes what was confirmed for good and
+/// puts back (or dead-letters) the rest, and commits.
+async fn settle_batch(in_flight: InFlight, policy: &RetryPolicy) -> Result<(), sqlx::Error> {
+    let InFlight {
+        mut tx,
+        batch,
+        sent,
+        started,
+    } = in_flight;
+    let outcomes = sent.outcomes().await;
     histogram!("outbox_relay_publish_batch_seconds").record(started.elapsed().as_secs_f64());
 
-    let claimed = batch.len();
     let mut published = 0u64;
     let mut failures = Vec::new();
     let mut unknown = Vec::new();
@@ -217,7 +273,7 @@ async fn relay_batch(
             "messages moved to dead letters"
         );
     }
-    Ok(claimed)
+    Ok(())
 }
 
 /// Wakes every worker on `outbox_wakeup` notifications. Reconnects on error; the workers keep

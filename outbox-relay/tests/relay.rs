@@ -387,32 +387,26 @@ async fn missing_exchange_fails_only_its_own_messages() {
     queue.delete().await;
 }
 
-#[tokio::test]
-async fn two_relays_keep_per_key_order() {
-    let db = fresh_db().await;
-    let queue = TestQueue::new("ordered").await;
+/// Enqueues `keys` × `rounds` keyed messages (body `key:round`), a round per transaction;
+/// returns how many.
+async fn enqueue_keyed(db: &TestDb, queue: &str, keys: usize, rounds: usize) -> usize {
     let outbox = Outbox::new(db.pool.clone()).await.unwrap();
-    // Interleave 50 keys × 20 messages, committed in small transactions.
-    let mut expected = 0;
-    for round in 0..20 {
+    for round in 0..rounds {
         let mut tx = db.pool.begin().await.unwrap();
-        for key in 0..50 {
-            let msg = Message::new("", &queue.name, format!("{key}:{round}"))
+        for key in 0..keys {
+            let msg = Message::new("", queue, format!("{key}:{round}"))
                 .with_ordering_key(format!("key-{key}"));
             outbox.enqueue(&mut tx, &msg).await.unwrap();
-            expected += 1;
         }
         tx.commit().await.unwrap();
     }
-    let mut config = test_config(&db);
-    config.batch_size = 40;
-    let a = InProcessRelay::start(&db, config.clone());
-    let b = InProcessRelay::start(&db, config);
+    keys * rounds
+}
 
-    let got = queue.wait_for(expected, WAIT).await;
-    assert_eq!(got.len(), expected, "no duplicates without faults");
+/// Asserts every key's messages arrived once each, in order.
+fn assert_in_key_order(got: &[integration_tests::Received]) {
     let mut last = std::collections::HashMap::new();
-    for r in &got {
+    for r in got {
         let body = String::from_utf8(r.payload.clone()).unwrap();
         let (key, seq) = body.split_once(':').unwrap();
         let seq: i32 = seq.parse().unwrap();
@@ -420,8 +414,45 @@ async fn two_relays_keep_per_key_order() {
         let prev = last.insert(key.to_owned(), seq);
         assert_eq!(prev.map_or(0, |p| p + 1), seq, "key {key} out of order");
     }
+}
+
+#[tokio::test]
+async fn two_relays_keep_per_key_order() {
+    let db = fresh_db().await;
+    let queue = TestQueue::new("ordered").await;
+    // Interleave 50 keys × 20 messages, committed in small transactions.
+    let expected = enqueue_keyed(&db, &queue.name, 50, 20).await;
+    let mut config = test_config(&db);
+    config.batch_size = 40;
+    let a = InProcessRelay::start(&db, config.clone());
+    let b = InProcessRelay::start(&db, config);
+
+    let got = queue.wait_for(expected, WAIT).await;
+    assert_eq!(got.len(), expected, "no duplicates without faults");
+    assert_in_key_order(&got);
     a.stop().await;
     b.stop().await;
+    queue.delete().await;
+}
+
+/// With `batch_size` 1 every claim comes back full, so a worker always claims its next batch
+/// while the last one waits for its confirm: that claim must skip the next message of the key
+/// in flight, and take another key's instead.
+#[tokio::test]
+async fn pipelined_batches_keep_per_key_order() {
+    let db = fresh_db().await;
+    let queue = TestQueue::new("pipelined").await;
+    let expected = enqueue_keyed(&db, &queue.name, 3, 40).await;
+    let mut config = test_config(&db);
+    config.batch_size = 1;
+    config.workers = 1;
+    let relay = InProcessRelay::start(&db, config);
+
+    let got = queue.wait_for(expected, WAIT).await;
+    assert_eq!(got.len(), expected, "no duplicates without faults");
+    assert_in_key_order(&got);
+    relay.stop().await;
+    assert_eq!(pending(&db).await, 0);
     queue.delete().await;
 }
 
