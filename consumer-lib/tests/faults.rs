@@ -138,6 +138,73 @@ async fn database_outage_retries_messages_without_crashing() {
     publisher.cleanup(&queue).await;
 }
 
+/// The README's advice for a pool of the consumer's own, `test_before_acquire(false)`: no ping
+/// before a message's transaction, so a connection that died while idle in the pool is only
+/// found by the message's first statement. That message is retried, never dead-lettered, and
+/// every message is applied once.
+#[tokio::test]
+async fn pool_without_ping_retries_on_connections_that_died_idle() {
+    let _serial = SERIAL.lock().await;
+    let (db, publisher, queue, exchange) = setup().await;
+    let (_, target) = through_proxy(&db.url, 5432, 0);
+    let proxy = Proxy::start(target).await;
+    let (proxied_url, _) = through_proxy(&db.url, 5432, proxy.port);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .min_connections(4)
+        .test_before_acquire(false)
+        .connect(&proxied_url)
+        .await
+        .unwrap();
+    let consumer = builder(&pool, &queue, &exchange)
+        .concurrency(4)
+        .handler(Recorder { jitter_ms: 0 })
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+    for id in 1..=8 {
+        publisher
+            .publish(&exchange, id, &payload("a", id, ""), false)
+            .await;
+    }
+    wait_until("the first messages", Duration::from_secs(20), || async {
+        distinct_effects(&db.pool).await == 8
+    })
+    .await;
+
+    // Every pooled connection dies while idle; the database itself stays reachable.
+    proxy.cut();
+    for id in 9..=40 {
+        publisher
+            .publish(&exchange, id, &payload("a", id, ""), false)
+            .await;
+    }
+    wait_until(
+        "every message applied after the cut",
+        Duration::from_secs(30),
+        || async { distinct_effects(&db.pool).await == 40 },
+    )
+    .await;
+    stop(token, task).await;
+    assert_eq!(total_effects(&db.pool).await, 40, "applied once each");
+    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM effects WHERE attempt > 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        retried >= 1,
+        "a message met a dead connection and was retried"
+    );
+    assert!(
+        consumer_lib::dead_letter::list(&db.pool, Some(&queue), true, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a dead pooled connection does not dead-letter messages"
+    );
+    publisher.cleanup(&queue).await;
+}
+
 /// Fails the first attempt of every message, logging the failure outside the transaction.
 struct FailFirstAttempt {
     pool: sqlx::PgPool,
