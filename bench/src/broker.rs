@@ -129,15 +129,18 @@ where
     Ok(())
 }
 
-/// Arrival times by `message_id`, filled by a consumer task.
-pub type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
-
-/// Consumes `queue` (acking in the consumer), recording each message id with its arrival time.
-pub async fn record_arrivals(connection: &Connection, queue: &str) -> anyhow::Result<Arrivals> {
+/// Opens a channel with `prefetch` unacked deliveries at most and starts consuming `queue`
+/// with manual acks.
+pub async fn consume(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
     let channel = connection.create_channel().await?;
-    // Prefetch well above ~100: below that the consumer, not the relay, would be measured.
-    channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = channel
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
         .basic_consume(
             queue.into(),
             "".into(),
@@ -145,6 +148,16 @@ pub async fn record_arrivals(connection: &Connection, queue: &str) -> anyhow::Re
             FieldTable::default(),
         )
         .await?;
+    Ok((channel, consumer))
+}
+
+/// Arrival times by `message_id`, filled by a consumer task.
+pub type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
+
+/// Consumes `queue` (acking in the consumer), recording each message id with its arrival time.
+pub async fn record_arrivals(connection: &Connection, queue: &str) -> anyhow::Result<Arrivals> {
+    // Prefetch well above ~100: below that the consumer, not the relay, would be measured.
+    let (_channel, mut consumer) = consume(connection, queue, 1000).await?;
     let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
     let sink = arrivals.clone();
     tokio::spawn(async move {

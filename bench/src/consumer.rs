@@ -15,11 +15,7 @@ use std::time::{Duration, Instant};
 
 use consumer_lib::{Consumer, Handler, HandlerError, Message};
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -169,19 +165,8 @@ async fn hand_drain(
         .max_connections(CONCURRENCY as u32)
         .connect(&db.url)
         .await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
     let started = Instant::now();
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (channel, mut consumer) = broker::consume(connection, queue, PREFETCH).await?;
     let (sender, receiver) =
         tokio::sync::mpsc::channel::<lapin::message::Delivery>(PREFETCH as usize);
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
@@ -249,19 +234,8 @@ async fn hand_drain(
 
 /// A raw lapin consumer that only acks, one ack per message; returns msg/s.
 async fn raw_drain(connection: &lapin::Connection, queue: &str, n: u64) -> anyhow::Result<f64> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
     let started = Instant::now();
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (channel, mut consumer) = broker::consume(connection, queue, PREFETCH).await?;
     let mut seen = 0;
     while seen < n {
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())

@@ -100,11 +100,7 @@ async fn database_outage_retries_messages_without_crashing() {
     // The database goes away: open connections die, new ones are refused.
     proxy.set_up(false);
     proxy.cut();
-    for id in 2..=20 {
-        publisher
-            .publish(&exchange, id, &payload("a", id, ""), false)
-            .await;
-    }
+    publish_ids(&publisher, &exchange, 2..=20).await;
     // Let the consumer fail on them for a while (they go around the delay cascade).
     wait_until(
         "the messages to be tried during the outage",
@@ -128,13 +124,12 @@ async fn database_outage_retries_messages_without_crashing() {
     .await;
     stop(token, task).await;
     assert_eq!(total_effects(&db.pool).await, 20, "applied once each");
-    assert!(
-        consumer_lib::dead_letter::list(&db.pool, Some(&queue), true, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "a database outage does not dead-letter messages"
-    );
+    assert_no_dead_letters(
+        &db.pool,
+        &queue,
+        "a database outage does not dead-letter messages",
+    )
+    .await;
     publisher.cleanup(&queue).await;
 }
 
@@ -162,11 +157,7 @@ async fn pool_without_ping_retries_on_connections_that_died_idle() {
         .build()
         .unwrap();
     let (token, task) = spawn(consumer);
-    for id in 1..=8 {
-        publisher
-            .publish(&exchange, id, &payload("a", id, ""), false)
-            .await;
-    }
+    publish_ids(&publisher, &exchange, 1..=8).await;
     wait_until("the first messages", Duration::from_secs(20), || async {
         distinct_effects(&db.pool).await == 8
     })
@@ -174,11 +165,7 @@ async fn pool_without_ping_retries_on_connections_that_died_idle() {
 
     // Every pooled connection dies while idle; the database itself stays reachable.
     proxy.cut();
-    for id in 9..=40 {
-        publisher
-            .publish(&exchange, id, &payload("a", id, ""), false)
-            .await;
-    }
+    publish_ids(&publisher, &exchange, 9..=40).await;
     wait_until(
         "every message applied after the cut",
         Duration::from_secs(30),
@@ -195,13 +182,12 @@ async fn pool_without_ping_retries_on_connections_that_died_idle() {
         retried >= 1,
         "a message met a dead connection and was retried"
     );
-    assert!(
-        consumer_lib::dead_letter::list(&db.pool, Some(&queue), true, 10)
-            .await
-            .unwrap()
-            .is_empty(),
-        "a dead pooled connection does not dead-letter messages"
-    );
+    assert_no_dead_letters(
+        &db.pool,
+        &queue,
+        "a dead pooled connection does not dead-letter messages",
+    )
+    .await;
     publisher.cleanup(&queue).await;
 }
 

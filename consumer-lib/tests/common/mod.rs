@@ -274,6 +274,30 @@ impl Publisher {
     }
 }
 
+/// Publishes ids `ids` to `exchange`, each with key "a" and its id as sequence number.
+pub async fn publish_ids(
+    publisher: &Publisher,
+    exchange: &str,
+    ids: std::ops::RangeInclusive<i64>,
+) {
+    for id in ids {
+        publisher
+            .publish(exchange, id, &payload("a", id, ""), false)
+            .await;
+    }
+}
+
+/// Asserts that nothing of `queue`'s consumer was dead-lettered.
+pub async fn assert_no_dead_letters(pool: &PgPool, queue: &str, why: &str) {
+    assert!(
+        consumer_lib::dead_letter::list(pool, Some(queue), true, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{why}"
+    );
+}
+
 pub fn payload(key: &str, seq: i64, behavior: &str) -> Payload {
     Payload {
         key: key.to_owned(),
