@@ -153,9 +153,10 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) {
     }
 }
 
-/// Claims and publishes batches while they come back full, keeping one batch's confirms in
-/// flight while the next is claimed, so the broker is not left idle during the claim; then
-/// settles the last. Returns the size of the last claim (0: the outbox had nothing due).
+/// Claims and publishes batches while they come back full and every message of the last one
+/// was confirmed, keeping one batch's confirms in flight while the next is claimed, so the
+/// broker is not left idle during the claim; then settles the last. Returns the size of the
+/// last claim (0: the outbox had nothing due).
 ///
 /// Order per key holds across the two open transactions: the next claim still sees the rows
 /// the first one deleted (not yet committed), so it takes no later message of their keys.
@@ -171,15 +172,23 @@ async fn relay_batches(
     };
     loop {
         let claimed = current.batch.len();
-        if (claimed as i64) < limit || shutdown.is_cancelled() {
+        if (claimed as i64) < limit || shutdown.is_cancelled() || !publisher.is_connected() {
             settle_batch(current, policy).await?;
             return Ok(claimed);
         }
         let next = claim_and_send(publisher, pool, limit).await;
         // The batch in flight is settled whatever happened to the next claim.
-        settle_batch(current, policy).await?;
+        let all_confirmed = settle_batch(current, policy).await?;
         match next? {
-            Some(batch) => current = batch,
+            Some(batch) if all_confirmed => current = batch,
+            // Something went wrong with the broker (or a message): settle what is in flight
+            // and go back to the worker, which checks the connection and rebuilds it. Staying
+            // here would claim, fail and put back the same full batches without end.
+            Some(batch) => {
+                let claimed = batch.batch.len();
+                settle_batch(batch, policy).await?;
+                return Ok(claimed);
+            }
             None => return Ok(0),
         }
     }
@@ -222,8 +231,9 @@ async fn claim_and_send(
 }
 
 /// Waits for a batch's confirms, then in its transaction deletes what was confirmed for good and
-/// puts back (or dead-letters) the rest, and commits.
-async fn settle_batch(in_flight: InFlight, policy: &RetryPolicy) -> Result<(), sqlx::Error> {
+/// puts back (or dead-letters) the rest, and commits. Returns whether every message was
+/// confirmed.
+async fn settle_batch(in_flight: InFlight, policy: &RetryPolicy) -> Result<bool, sqlx::Error> {
     let InFlight {
         mut tx,
         batch,
@@ -273,7 +283,7 @@ async fn settle_batch(in_flight: InFlight, policy: &RetryPolicy) -> Result<(), s
             "messages moved to dead letters"
         );
     }
-    Ok(())
+    Ok(failures.is_empty() && unknown.is_empty())
 }
 
 /// Wakes every worker on `outbox_wakeup` notifications. Reconnects on error; the workers keep
