@@ -71,19 +71,26 @@ async fn fault_broker_connection_cut_mid_stream_applies_all_once() {
     publisher.cleanup(&queue).await;
 }
 
+/// A fault proxy in front of the test database, and a pool with `options` connected through it.
+async fn proxied_pool(db_url: &str, options: PgPoolOptions) -> (Proxy, sqlx::PgPool) {
+    let (_, target) = through_proxy(db_url, 5432, 0);
+    let proxy = Proxy::start(target).await;
+    let (proxied_url, _) = through_proxy(db_url, 5432, proxy.port);
+    let pool = options.connect(&proxied_url).await.unwrap();
+    (proxy, pool)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_outage_retries_messages_without_crashing() {
     let _serial = SERIAL.lock().await;
     let (db, publisher, queue, exchange) = setup().await;
-    let (_, target) = through_proxy(&db.url, 5432, 0);
-    let proxy = Proxy::start(target).await;
-    let (proxied_url, _) = through_proxy(&db.url, 5432, proxy.port);
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(&proxied_url)
-        .await
-        .unwrap();
+    let (proxy, pool) = proxied_pool(
+        &db.url,
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(1)),
+    )
+    .await;
     let consumer = builder(&pool, &queue, &exchange)
         .handler(Recorder { jitter_ms: 0 })
         .build()
@@ -141,16 +148,14 @@ async fn database_outage_retries_messages_without_crashing() {
 async fn pool_without_ping_retries_on_connections_that_died_idle() {
     let _serial = SERIAL.lock().await;
     let (db, publisher, queue, exchange) = setup().await;
-    let (_, target) = through_proxy(&db.url, 5432, 0);
-    let proxy = Proxy::start(target).await;
-    let (proxied_url, _) = through_proxy(&db.url, 5432, proxy.port);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .min_connections(4)
-        .test_before_acquire(false)
-        .connect(&proxied_url)
-        .await
-        .unwrap();
+    let (proxy, pool) = proxied_pool(
+        &db.url,
+        PgPoolOptions::new()
+            .max_connections(4)
+            .min_connections(4)
+            .test_before_acquire(false),
+    )
+    .await;
     let consumer = builder(&pool, &queue, &exchange)
         .concurrency(4)
         .handler(Recorder { jitter_ms: 0 })

@@ -121,11 +121,6 @@ impl Publisher {
         Ok(exists)
     }
 
-    /// Publishes `batch` and returns one outcome per message, in order.
-    pub async fn publish(&mut self, batch: &[Claimed]) -> Vec<Outcome> {
-        self.send(batch).await.outcomes().await
-    }
-
     /// Writes `batch` to the channel and returns without waiting for its confirms, so the
     /// caller can claim the next batch meanwhile; [`Sent::outcomes`] waits for them.
     ///

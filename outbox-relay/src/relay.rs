@@ -170,25 +170,25 @@ async fn relay_batches(
     let Some(mut current) = claim_and_send(publisher, pool, limit).await? else {
         return Ok(0);
     };
+    let mut all_confirmed = true;
     loop {
         let claimed = current.batch.len();
-        if (claimed as i64) < limit || shutdown.is_cancelled() || !publisher.is_connected() {
+        // After a batch that was not wholly confirmed, go back to the worker, which checks
+        // the connection and rebuilds it: staying here would claim, fail and put back the
+        // same full batches without end.
+        if (claimed as i64) < limit
+            || !all_confirmed
+            || shutdown.is_cancelled()
+            || !publisher.is_connected()
+        {
             settle_batch(current, policy).await?;
             return Ok(claimed);
         }
         let next = claim_and_send(publisher, pool, limit).await;
         // The batch in flight is settled whatever happened to the next claim.
-        let all_confirmed = settle_batch(current, policy).await?;
+        all_confirmed = settle_batch(current, policy).await?;
         match next? {
-            Some(batch) if all_confirmed => current = batch,
-            // Something went wrong with the broker (or a message): settle what is in flight
-            // and go back to the worker, which checks the connection and rebuilds it. Staying
-            // here would claim, fail and put back the same full batches without end.
-            Some(batch) => {
-                let claimed = batch.batch.len();
-                settle_batch(batch, policy).await?;
-                return Ok(claimed);
-            }
+            Some(batch) => current = batch,
             None => return Ok(0),
         }
     }
