@@ -119,17 +119,23 @@ impl DelayCascade {
                 AMQPValue::LongString(LongString::from(self.next_exchange(level))),
             );
             if self.quorum {
+                // Replicated by Raft: a delayed retry survives the loss of a minority of nodes.
                 args.insert(
                     "x-queue-type".into(),
                     AMQPValue::LongString("quorum".into()),
                 );
-                // Quorum queues can dead-letter at-least-once (classic queues only at most
-                // once), which needs publishers refused rather than old messages dropped
-                // when the queue is full.
+                // Every message leaves a level by dead-lettering (TTL expiry) to the next one.
+                // At-least-once keeps it in this queue until the next level has it (classic
+                // queues, and quorum queues by default, dead-letter at most once: a node
+                // crash at that instant loses the retry).
                 args.insert(
                     "x-dead-letter-strategy".into(),
                     AMQPValue::LongString("at-least-once".into()),
                 );
+                // At-least-once dead-lettering needs reject-publish overflow on the source
+                // queue (with the default drop-head RabbitMQ falls back to at-most-once): a
+                // full level refuses new publishes (the library's confirm fails, so it retries
+                // in place) instead of dropping its oldest messages.
                 args.insert(
                     "x-overflow".into(),
                     AMQPValue::LongString("reject-publish".into()),
@@ -146,7 +152,14 @@ impl DelayCascade {
                     args,
                 )
                 .await
-                .map_err(Error::broker("declare delay queues"))?;
+                .map_err(crate::topology::declare_error(
+                    "declare delay queues",
+                    &name,
+                    format!(
+                        "quorum({}) with delay_prefix({:?})",
+                        self.quorum, self.prefix
+                    ),
+                ))?;
             let skip = Self::skip_words(level);
             channel
                 .queue_bind(

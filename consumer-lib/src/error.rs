@@ -23,6 +23,24 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// The broker already holds a queue of this name declared with other arguments than the
+    /// consumer's settings ask for (PRECONDITION_FAILED), typically a classic queue where
+    /// `quorum(true)` declares a quorum queue. A queue's type cannot change in place.
+    #[error(
+        "queue {queue:?} already exists with other arguments than {settings} declare \
+         (the broker: {source}); a queue's type and arguments cannot change in place: drain \
+         and delete it (or move its messages to a new queue with a shovel), or set {settings} \
+         back to what the existing queue was declared with"
+    )]
+    QueueMismatch {
+        /// The queue the broker refused to redeclare.
+        queue: String,
+        /// The builder settings that shape its arguments, e.g. `quorum(true)`.
+        settings: String,
+        /// The broker's refusal (its text names the argument that differs).
+        #[source]
+        source: Box<lapin::Error>,
+    },
     /// A database operation failed.
     #[error("database error during {context}: {source}")]
     Database {

@@ -165,8 +165,11 @@ async fn consume(
     };
     let (publish, consume, mut consumer) = match setup.await {
         Ok(parts) => parts,
+        // A queue that exists with other arguments never becomes right by retrying, on any
+        // node of the cluster: report it, whichever session meets it.
+        Err(err @ Error::QueueMismatch { .. }) => return Err(err),
         // A first session that reached the broker but cannot set up is a configuration
-        // problem (wrong queue arguments, missing exchange): report it instead of looping.
+        // problem (missing exchange, refused binding): report it instead of looping.
         Err(err)
             if first && matches!(err, Error::Broker { .. }) && connection.status().connected() =>
         {

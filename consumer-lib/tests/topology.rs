@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use consumer_lib::lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use consumer_lib::lapin::types::FieldTable;
+use consumer_lib::lapin::types::{AMQPValue, FieldTable};
 use consumer_lib::lapin::{ExchangeKind, Queue};
 
 async fn inspect(publisher: &Publisher, queue: &str) -> Option<Queue> {
@@ -102,13 +102,124 @@ async fn conflicting_queue_arguments_are_reported_not_retried() {
     )
     .await
     .expect("run returns instead of retrying forever");
-    let err = result
-        .expect_err("the broker refuses the declaration")
-        .to_string();
-    assert!(err.contains("declare queue"), "{err}");
+    let err = result.expect_err("the broker refuses the declaration");
+    assert!(
+        matches!(err, consumer_lib::Error::QueueMismatch { .. }),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    // The error names the queue, the setting behind its arguments and the differing argument.
+    assert!(err.contains(&format!("{queue:?}")), "{err}");
+    assert!(err.contains("quorum(true)"), "{err}");
+    assert!(err.contains("x-queue-type"), "{err}");
     assert!(
         inspect(&publisher, &queue).await.is_some(),
         "the existing queue is untouched"
     );
+    publisher.cleanup(&queue).await;
+}
+
+/// Declares `queue` durable with `args` on a channel of its own: `Ok` when the broker's queue
+/// has exactly these arguments (a redeclaration must be equivalent), the refusal otherwise.
+async fn redeclare(
+    publisher: &Publisher,
+    queue: &str,
+    args: &[(&str, AMQPValue)],
+) -> Result<(), consumer_lib::lapin::Error> {
+    let channel = publisher.connection.create_channel().await.unwrap();
+    let mut table = FieldTable::default();
+    for (key, value) in args {
+        table.insert((*key).into(), value.clone());
+    }
+    let result = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            table,
+        )
+        .await
+        .map(|_| ());
+    let _ = channel.close(200, "done".into()).await;
+    result
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// The broker holds the arguments `quorum(true)` promises: the consumer's queue and its
+/// dead-letter queue are quorum queues, and every delay level is a quorum queue that
+/// dead-letters at least once with reject-publish overflow. Checked on the broker itself: an
+/// equivalent redeclaration is accepted, one differing in any of these arguments refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_declares_replicated_queues_and_at_least_once_delay_levels() {
+    let (db, publisher, queue, exchange) = setup().await;
+    // `setup` made a classic queue under this name; the quorum consumer gets a new one.
+    publisher.cleanup(&queue).await;
+    let consumer = builder(&db.pool, &queue, &exchange)
+        .quorum(true)
+        .dead_letter_queue(true)
+        .handler(Recorder { jitter_ms: 0 })
+        .build()
+        .unwrap();
+    let (token, task) = spawn(consumer);
+    wait_until(
+        "the consumer to declare and consume",
+        Duration::from_secs(20),
+        || async {
+            inspect(&publisher, &queue)
+                .await
+                .is_some_and(|q| q.consumer_count() == 1)
+        },
+    )
+    .await;
+    stop(token, task).await;
+
+    let quorum = ("x-queue-type", text("quorum"));
+    redeclare(&publisher, &queue, std::slice::from_ref(&quorum))
+        .await
+        .expect("the consumer's queue is a quorum queue");
+    redeclare(&publisher, &queue, &[("x-queue-type", text("classic"))])
+        .await
+        .expect_err("and not a classic one");
+    redeclare(
+        &publisher,
+        &format!("{queue}.dead"),
+        std::slice::from_ref(&quorum),
+    )
+    .await
+    .expect("the dead-letter queue is a quorum queue");
+
+    for level in [0u32, 7, 23] {
+        let name = format!("consumer_lib.delay_quorum.level.{level:02}");
+        let next = if level == 0 {
+            "consumer_lib.delay_quorum.deliver".to_owned()
+        } else {
+            format!("consumer_lib.delay_quorum.level.{:02}", level - 1)
+        };
+        let expected = [
+            quorum.clone(),
+            ("x-message-ttl", AMQPValue::LongLongInt(100 << level)),
+            ("x-dead-letter-exchange", text(&next)),
+            ("x-dead-letter-strategy", text("at-least-once")),
+            ("x-overflow", text("reject-publish")),
+        ];
+        redeclare(&publisher, &name, &expected)
+            .await
+            .unwrap_or_else(|e| panic!("{name} has the quorum arguments: {e}"));
+        for (i, (key, other)) in [
+            (3, ("x-dead-letter-strategy", text("at-most-once"))),
+            (4, ("x-overflow", text("drop-head"))),
+        ] {
+            let mut changed = expected.clone();
+            changed[i] = (key, other);
+            redeclare(&publisher, &name, &changed)
+                .await
+                .expect_err("a level differing in that argument is refused");
+        }
+    }
     publisher.cleanup(&queue).await;
 }
