@@ -665,14 +665,19 @@ async fn bad_configuration_exits_naming_the_key() {
 async fn secrets_never_appear_in_logs_or_errors() {
     let db = fresh_db().await;
     let secret = "s3cr3t-broker-pass";
-    // A broker that refuses: the relay logs its connection failures.
+    // Two broker nodes that refuse: the relay logs its connection failures, naming each node.
     let out = tokio::task::spawn_blocking({
         let url = db.url.clone();
         move || {
             let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
                 .arg("run")
                 .env("DATABASE_URL", &url)
-                .env("AMQP_URL", format!("amqp://guest:{secret}@127.0.0.1:1/%2f"))
+                .env(
+                    "AMQP_URL",
+                    format!(
+                        "amqp://guest:{secret}@127.0.0.1:1/%2f,amqp://guest:{secret}@127.0.0.1:2/%2f"
+                    ),
+                )
                 .env("RELAY_HTTP_ADDR", "127.0.0.1:0")
                 .env("RELAY_ADMIN_TOKEN", "token-0123456789-very-secret")
                 .env("RUST_LOG", "debug")
@@ -695,6 +700,11 @@ async fn secrets_never_appear_in_logs_or_errors() {
     assert!(
         logs.contains("broker connect failed"),
         "the failure is logged: {logs}"
+    );
+    assert!(
+        logs.contains("amqp://guest:***@127.0.0.1:1/%2f")
+            && logs.contains("amqp://guest:***@127.0.0.1:2/%2f"),
+        "both nodes were tried, named with the password masked: {logs}"
     );
     assert!(
         !logs.contains(secret),
