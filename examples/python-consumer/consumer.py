@@ -35,6 +35,7 @@ import sys
 import time
 
 import pika
+import pika.exceptions
 import psycopg
 
 EFFECT_SCHEMA = """
@@ -164,13 +165,8 @@ class Consumer:
             self.dead_letter(method, properties, body, message_id, "rejected", str(err), attempt)
             channel.basic_ack(method.delivery_tag)
             return
-        except psycopg.OperationalError as err:
-            # The database went away: nothing committed. Put the message back and reconnect;
-            # an outage is not the message's fault, so it does not count as an attempt.
-            log(f"database error on message {message_id}, will retry: {err}")
-            channel.basic_nack(method.delivery_tag, requeue=True)
-            self.reconnect_db()
-            return
+        except psycopg.OperationalError:
+            raise  # an outage, not the message's fault: handled in run(), not an attempt
         except Exception as err:  # the effect failed in some other way: retry, then give up
             if attempt >= self.args.max_attempts:
                 self.attempts.pop(message_id, None)
@@ -223,9 +219,18 @@ class Consumer:
                 break
             if method is None:
                 # Nothing buffered for half a second: a quiet point the tests wait for.
-                print("idle " + " ".join(f"{k}={v}" for k, v in self.stats.items()), flush=True)
+                if self.args.report_idle:
+                    print("idle " + " ".join(f"{k}={v}" for k, v in self.stats.items()),
+                          flush=True)
                 continue
-            self.handle(channel, method, properties, body)
+            try:
+                self.handle(channel, method, properties, body)
+            except psycopg.OperationalError as err:
+                # The database went away: whatever was in flight did not commit. Put the
+                # message back and reconnect; the redelivery claims it again.
+                log(f"database error, message requeued: {err}")
+                channel.basic_nack(method.delivery_tag, requeue=True)
+                self.reconnect_db()
         # Cancel the consumer; deliveries received but not handled go back to the queue.
         channel.cancel()
         connection.close()
@@ -256,6 +261,8 @@ def main():
                              "of acking (a crash between COMMIT and ack)")
     parser.add_argument("--record-deliveries", action="store_true",
                         help="test hook: log every delivery in python_example.deliveries")
+    parser.add_argument("--report-idle", action="store_true",
+                        help="test hook: print the counters each time no delivery arrived for 0.5 s")
     args = parser.parse_args()
     args.consumer = args.consumer or args.queue
     for name, value in (("--queue", args.queue), ("--consumer", args.consumer)):
@@ -274,7 +281,19 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    consumer.run()
+    delay = 0.1
+    while True:
+        try:
+            consumer.run()
+            return
+        except pika.exceptions.AMQPError as err:
+            # Broker restart or network loss: unacked deliveries go back to the queue on the
+            # broker's side, and the inbox turns those already committed into duplicates.
+            if consumer.stopping:
+                return
+            log(f"broker connection lost ({err!r}); reconnecting in {delay:.1f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 if __name__ == "__main__":
