@@ -288,13 +288,65 @@ async fn a_compensation_that_keeps_failing_is_parked_stuck_and_an_operator_retry
         !admin::retry(&db.pool, 12345).await.unwrap(),
         "unknown saga"
     );
+    // The relay's admin API shows it and retries it, behind the admin token.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = outbox_relay::saga_api::router(db.pool.clone(), Some("sekret".into()));
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{base}/v1/sagas?state=stuck"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(format!("{base}/v1/sagas?state=bogus"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = http
+        .get(format!("{base}/v1/sagas?state=stuck"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["sagas"][0]["id"], id.to_string());
+    assert_eq!(body["counts"]["stuck"], 1);
+    let r = http
+        .post(format!("{base}/v1/sagas/12345/retry"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
     broken.compensation_broken.store(false, Ordering::SeqCst);
-    assert!(admin::retry(&db.pool, id).await.unwrap());
+    let r = http
+        .post(format!("{base}/v1/sagas/{id}/retry"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     wait_state(&db, id, "compensated").await;
+    let r = http
+        .post(format!("{base}/v1/sagas/{id}/retry"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "no longer stuck");
     assert!(
         !admin::retry(&db.pool, id).await.unwrap(),
         "no longer stuck"
     );
+    server.abort();
     let (_, steps) = admin::get(&db.pool, id).await.unwrap().unwrap();
     assert_eq!(steps[0].compensations_applied, 1);
     assert!(admin::list(&db.pool, Some("bogus"), 10).await.is_err());
