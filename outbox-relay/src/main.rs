@@ -61,6 +61,16 @@ enum Command {
     },
 }
 
+/// id, name, state, current step, stuck or failure reason, last change.
+type SagaRow = (
+    i64,
+    String,
+    String,
+    i32,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+);
+
 #[derive(Subcommand)]
 enum SagaCommand {
     /// List sagas, newest change first.
@@ -208,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect(&config, 2).await?;
             match command {
                 SagaCommand::List { state, limit } => {
-                    let rows: Vec<(i64, String, String, i32, Option<String>, chrono::DateTime<chrono::Utc>)> =
+                    let rows: Vec<SagaRow> =
                         sqlx::query_as(
                             "SELECT id, name, state, current_step, coalesce(stuck_reason, failure_reason), \
                                  updated_at FROM saga.instances \
