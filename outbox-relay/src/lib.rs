@@ -8,6 +8,7 @@
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: `status` and the dead-letter commands.
 //! - [`prepared_api`] and [`checkback`]: two-phase messages and their check-back.
+//! - [`saga_api`]: the saga operator view (`/v1/sagas`, retry a stuck saga).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod prepared_api;
 pub mod publish;
 pub mod relay;
+pub mod saga_api;
 
 pub use config::Config;

@@ -54,6 +54,39 @@ enum Command {
         #[command(subcommand)]
         command: PreparedCommand,
     },
+    /// List sagas by state and retry a stuck one (also the `saga` binary, and `/v1/sagas`).
+    Saga {
+        #[command(subcommand)]
+        command: SagaCommand,
+    },
+}
+
+/// id, name, state, current step, stuck or failure reason, last change.
+type SagaRow = (
+    i64,
+    String,
+    String,
+    i32,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+#[derive(Subcommand)]
+enum SagaCommand {
+    /// List sagas, newest change first.
+    List {
+        /// Only this state: running, compensating, completed, compensated, stuck.
+        #[arg(long, value_parser = ["running", "compensating", "completed", "compensated", "stuck"])]
+        state: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10000))]
+        limit: i64,
+    },
+    /// Send a stuck saga's compensation again (attempts start over).
+    Retry {
+        /// The saga id.
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +214,45 @@ async fn main() -> anyhow::Result<()> {
                 DeadCommand::Redrive { id: None, .. } => redrive_all(&pool).await,
             }
         }
+        Command::Saga { command } => {
+            let pool = connect(&config, 2).await?;
+            match command {
+                SagaCommand::List { state, limit } => {
+                    let rows: Vec<SagaRow> =
+                        sqlx::query_as(
+                            "SELECT id, name, state, current_step, coalesce(stuck_reason, failure_reason), \
+                                 updated_at FROM saga.instances \
+                             WHERE ($1::text IS NULL OR state = $1) \
+                             ORDER BY updated_at DESC, id DESC LIMIT $2",
+                        )
+                        .bind(&state)
+                        .bind(limit)
+                        .fetch_all(&pool)
+                        .await
+                        .context("listing sagas")?;
+                    for (id, name, state, step, reason, at) in rows {
+                        println!(
+                            "{id}\t{name}\t{state}\tstep={step}\t{}\t{}",
+                            at.to_rfc3339(),
+                            reason.as_deref().unwrap_or("-")
+                        );
+                    }
+                    Ok(())
+                }
+                SagaCommand::Retry { id } => {
+                    let retried: bool = sqlx::query_scalar("SELECT saga.retry($1)")
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await
+                        .with_context(|| format!("retrying saga {id}"))?;
+                    if !retried {
+                        bail!("saga {id} is not stuck (or does not exist); nothing changed");
+                    }
+                    println!("saga {id}: compensation sent again");
+                    Ok(())
+                }
+            }
+        }
         Command::Prepared {
             command: PreparedCommand::Resolve { id, decision },
         } => {
@@ -246,7 +318,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding RELAY_HTTP_ADDR {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, "http listening");
-    let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone());
+    let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone()).merge(
+        outbox_relay::saga_api::router(pool.clone(), config.admin_token.clone()),
+    );
     let router = http::router(pool.clone(), health.clone(), Some(metrics), api);
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
     // Check-back gets its own small pool: slow producers' check endpoints must not hold the

@@ -36,9 +36,9 @@ pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
 pub const MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
-struct ApiState {
-    pool: PgPool,
-    token: Option<Arc<str>>,
+pub(crate) struct ApiState {
+    pub(crate) pool: PgPool,
+    pub(crate) token: Option<Arc<str>>,
 }
 
 /// The API's router, state applied, ready to merge into the relay's HTTP server. `token`:
@@ -60,14 +60,14 @@ pub fn router(pool: PgPool, token: Option<String>) -> Router {
 }
 
 /// An `application/problem+json` response.
-struct Problem {
+pub(crate) struct Problem {
     status: StatusCode,
     title: &'static str,
     detail: String,
 }
 
 impl Problem {
-    fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
         Problem {
             status,
             title,
@@ -75,7 +75,7 @@ impl Problem {
         }
     }
 
-    fn invalid(detail: impl Into<String>) -> Self {
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request", detail)
     }
 }
@@ -133,7 +133,11 @@ impl From<PreparedError> for Problem {
     }
 }
 
-async fn authenticate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+pub(crate) async fn authenticate(
+    State(state): State<ApiState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(expected) = &state.token {
         // Exactly one Authorization header: with two, a proxy and this server could each
         // believe a different one.
