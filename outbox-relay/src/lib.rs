@@ -8,12 +8,14 @@
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: `status` and the dead-letter commands.
 //! - [`prepared_api`] and [`checkback`]: two-phase messages and their check-back.
+//! - [`dashboard`]: the operator's web page under `/dashboard` (behind the admin token).
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod checkback;
 pub mod claim;
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod metrics;
 pub mod prepared_api;
