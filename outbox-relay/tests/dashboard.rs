@@ -40,7 +40,10 @@ async fn pages_without_a_login_or_token_are_401() {
     let server = Server::start(&db, None).await;
     let id = dead_letter(&db, "secret payload").await;
 
-    for path in ["/dashboard".to_owned(), format!("/dashboard/relay-dead/{id}")] {
+    for path in [
+        "/dashboard".to_owned(),
+        format!("/dashboard/relay-dead/{id}"),
+    ] {
         let resp = client().get(server.url(&path)).send().await.unwrap();
         assert_eq!(resp.status(), 401, "{path}");
         assert_eq!(
@@ -130,7 +133,13 @@ async fn refused_actions_change_nothing() {
             401,
         ),
         ("no csrf token", Some(&cookie), String::new(), vec![], 422),
-        ("wrong csrf token", Some(&cookie), "csrf=00ff".into(), vec![], 403),
+        (
+            "wrong csrf token",
+            Some(&cookie),
+            "csrf=00ff".into(),
+            vec![],
+            403,
+        ),
         (
             "another session's csrf token",
             Some(&cookie),
@@ -189,10 +198,30 @@ async fn bad_ids_and_forms_get_problem_json() {
 
     let cases: [(&str, String, u16, &str); 9] = [
         ("/dashboard/relay-dead/abc/redrive", csrf.clone(), 400, "id"),
-        ("/dashboard/relay-dead/12345/redrive", csrf.clone(), 404, "12345"),
-        ("/dashboard/consumer-dead/12345/replay", csrf.clone(), 404, "12345"),
-        ("/dashboard/consumer-dead/1e3/replay", csrf.clone(), 400, "id"),
-        ("/dashboard/notifications/12345/resend", csrf.clone(), 404, "12345"),
+        (
+            "/dashboard/relay-dead/12345/redrive",
+            csrf.clone(),
+            404,
+            "12345",
+        ),
+        (
+            "/dashboard/consumer-dead/12345/replay",
+            csrf.clone(),
+            404,
+            "12345",
+        ),
+        (
+            "/dashboard/consumer-dead/1e3/replay",
+            csrf.clone(),
+            400,
+            "id",
+        ),
+        (
+            "/dashboard/notifications/12345/resend",
+            csrf.clone(),
+            404,
+            "12345",
+        ),
         (
             "/dashboard/prepared/12345/resolve",
             format!("{csrf}&decision=commit"),
@@ -205,7 +234,12 @@ async fn bad_ids_and_forms_get_problem_json() {
             422,
             "decision",
         ),
-        ("/dashboard/prepared/12345/resolve", csrf.clone(), 422, "decision"),
+        (
+            "/dashboard/prepared/12345/resolve",
+            csrf.clone(),
+            422,
+            "decision",
+        ),
         ("/dashboard/relay-dead/1/redrive", "%%%".into(), 422, "csrf"),
     ];
     for (path, body, want, names) in cases {
@@ -244,4 +278,103 @@ async fn bad_ids_and_forms_get_problem_json() {
     .await
     .unwrap();
     assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn replay_resolve_and_resend_do_what_their_cli_and_api_do() {
+    let db = fresh_db().await;
+    let server = Server::start(&db, None).await;
+    let cookie = login(&server).await;
+    let csrf = format!("csrf={}", csrf_of(&server, &cookie).await);
+
+    // A consumer dead letter goes back onto its queue, and is marked replayed.
+    let queue = integration_tests::TestQueue::new("dashboard-replay").await;
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO inbox.compensation_log (consumer, queue, message_id, exchange, routing_key, \
+             payload, attempts, reason, last_error) \
+         VALUES ('c', $1, 77, '', $1, convert_to('again', 'UTF8'), 3, 'exhausted', 'boom') \
+         RETURNING id",
+    )
+    .bind(&queue.name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let path = format!("/dashboard/consumer-dead/{row}/replay");
+    let (status, _, body) = post_form(&server, &path, Some(&cookie), &csrf, &[]).await;
+    assert_eq!(status, 303, "{body}");
+    let got = queue.wait_for(1, std::time::Duration::from_secs(10)).await;
+    assert_eq!(got[0].payload, b"again");
+    assert_eq!(got[0].message_id.as_deref(), Some("77"));
+    let (status, _, _) = post_form(&server, &path, Some(&cookie), &csrf, &[]).await;
+    assert_eq!(status, 404, "a replayed row is not replayed twice");
+    queue.delete().await;
+
+    // A prepared message is committed into the outbox; rolling it back afterwards is a 409.
+    let prepared: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox.prepared_messages (exchange, routing_key, payload, state) \
+         VALUES ('', 'q', 'x', 'unresolved') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let path = format!("/dashboard/prepared/{prepared}/resolve");
+    let (status, _, _) = post_form(
+        &server,
+        &path,
+        Some(&cookie),
+        &format!("{csrf}&decision=commit"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (status, ct, _) = post_form(
+        &server,
+        &path,
+        Some(&cookie),
+        &format!("{csrf}&decision=rollback"),
+        &[],
+    )
+    .await;
+    assert_eq!((status, ct.as_str()), (409, "application/problem+json"));
+    let in_outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.messages WHERE id = $1")
+        .bind(prepared)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(in_outbox, 1);
+
+    // An exhausted notification is put back on a fresh schedule, due now.
+    sqlx::query("SELECT notify.upsert_endpoint('ep', 'http://127.0.0.1:9/', 'secret-0123456789abcdef')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT notify.send('ep', 'e.v', '{}')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE notify.notifications SET status = 'exhausted', next_attempt_at = NULL, \
+             exhausted_at = now(), attempts = 3, step = 3 WHERE id = $1",
+    )
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (status, _, _) = post_form(
+        &server,
+        &format!("/dashboard/notifications/{n}/resend"),
+        Some(&cookie),
+        &csrf,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 303);
+    let (state, step, due): (String, i32, bool) = sqlx::query_as(
+        "SELECT status, step, next_attempt_at <= now() FROM notify.notifications WHERE id = $1",
+    )
+    .bind(n)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), step, due), ("pending", 0, true));
 }

@@ -4,7 +4,7 @@
 //!
 //! Needs `/usr/bin/chromium` and `npm ci` in `tests/browser` (both done by
 //! `scripts/browser-deps`, which `scripts/services` runs). Set `DASHBOARD_SCREENSHOT=path.png`
-//! to keep a screenshot of the page taken before the redrive.
+//! to keep a screenshot of the page taken before the redrive (relative to the repository root).
 
 mod dashboard_support;
 
@@ -56,7 +56,14 @@ async fn other_sections(db: &TestDb) {
             .unwrap();
     }
     for i in 0..3 {
-        enqueue(db, "orders", "order.reminder", &format!("{{\"n\":{i}}}"), true).await;
+        enqueue(
+            db,
+            "orders",
+            "order.reminder",
+            &format!("{{\"n\":{i}}}"),
+            true,
+        )
+        .await;
     }
 }
 
@@ -119,7 +126,9 @@ async fn browser_redrives_a_dead_letter_that_reaches_its_consumer() {
         .env("DEAD_ID", id.to_string())
         .kill_on_drop(true);
     if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
-        node.env("SCREENSHOT", path);
+        // Relative to the repository root, whatever directory node runs in.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        node.env("SCREENSHOT", root.join(path));
     }
     let out = tokio::time::timeout(Duration::from_secs(45), node.output())
         .await
@@ -133,7 +142,12 @@ async fn browser_redrives_a_dead_letter_that_reaches_its_consumer() {
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(report["redriven"], id.to_string());
-    assert!(report["payload"].as_str().unwrap().contains("\"order\": 42"));
+    assert!(
+        report["payload"]
+            .as_str()
+            .unwrap()
+            .contains("\"order\": 42")
+    );
 
     // The redriven message keeps its id and reaches the consumer.
     let got = consumer

@@ -147,18 +147,13 @@ pub(crate) async fn resolve(
     f: Result<Form<ActionForm>, FormRejection>,
 ) -> Result<Response, Problem> {
     let (f, id) = checked(&state, &operator, &raw_id, f)?;
-    let decision: Decision = f
-        .decision
-        .as_deref()
-        .unwrap_or("")
-        .parse()
-        .map_err(|_| {
-            Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid decision",
-                "decision must be `commit` or `rollback`",
-            )
-        })?;
+    let decision: Decision = f.decision.as_deref().unwrap_or("").parse().map_err(|_| {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid decision",
+            "decision must be `commit` or `rollback`",
+        )
+    })?;
     match crate::checkback::resolve(&state.pool, MessageId(id), decision).await {
         Ok(()) => Ok(done(
             match decision {
@@ -228,11 +223,7 @@ pub(crate) async fn login(
         csrf::COOKIE,
         csrf::SESSION_SECONDS
     );
-    Ok((
-        [(header::SET_COOKIE, cookie)],
-        Redirect::to("/dashboard"),
-    )
-        .into_response())
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response())
 }
 
 /// `POST /dashboard/logout`: clears the cookie.

@@ -55,7 +55,10 @@ impl Keys {
         let nonce = hex::encode(rand::random::<[u8; 16]>());
         let expires = now + SESSION_SECONDS;
         let tag = self
-            .mac(b"session", &[expires.to_string().as_bytes(), nonce.as_bytes()])
+            .mac(
+                b"session",
+                &[expires.to_string().as_bytes(), nonce.as_bytes()],
+            )
             .finalize()
             .into_bytes();
         let value = format!("v1.{expires}.{nonce}.{}", hex::encode(tag));

@@ -95,7 +95,10 @@ pub fn router(settings: Settings) -> Router {
         .route("/dashboard/relay-dead/{id}", get(pages::relay_dead))
         .route("/dashboard/relay-dead/{id}/redrive", post(actions::redrive))
         .route("/dashboard/consumer-dead/{id}", get(pages::consumer_dead))
-        .route("/dashboard/consumer-dead/{id}/replay", post(actions::replay))
+        .route(
+            "/dashboard/consumer-dead/{id}/replay",
+            post(actions::replay),
+        )
         .route("/dashboard/prepared/{id}/resolve", post(actions::resolve))
         .route("/dashboard/notifications/{id}", get(pages::notification))
         .route(

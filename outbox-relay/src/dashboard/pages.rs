@@ -46,6 +46,15 @@ pub(crate) fn esc(s: &str) -> String {
     out
 }
 
+/// An exchange name for display: the default exchange's empty name is shown as such.
+fn exchange(name: &str) -> String {
+    if name.is_empty() {
+        "<i>(default)</i>".to_owned()
+    } else {
+        esc(name)
+    }
+}
+
 fn short(s: &str, n: usize) -> String {
     let mut t: String = s.chars().take(n).collect();
     if s.chars().count() > n {
@@ -198,16 +207,12 @@ async fn backlog(state: &Dashboard) -> String {
             let rows: Vec<String> = rows
                 .iter()
                 .map(|r| {
-                    let exchange: String = r.get("exchange");
+                    let name: String = r.get("exchange");
                     let oldest: Option<f64> = r.get("oldest");
                     let next: Option<DateTime<Utc>> = r.get("next_due");
                     format!(
                         "<td>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td><td>{}</td>",
-                        if exchange.is_empty() {
-                            "<i>(default)</i>".to_owned()
-                        } else {
-                            esc(&exchange)
-                        },
+                        exchange(&name),
                         r.get::<i64, _>("due_now"),
                         r.get::<i64, _>("due_later"),
                         oldest.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "–".into()),
@@ -216,7 +221,13 @@ async fn backlog(state: &Dashboard) -> String {
                 })
                 .collect();
             table(
-                &["exchange", "due now", "due later", "oldest due for", "next due later"],
+                &[
+                    "exchange",
+                    "due now",
+                    "due later",
+                    "oldest due for",
+                    "next due later",
+                ],
                 &rows,
                 "The outbox is empty.",
             )
@@ -228,15 +239,17 @@ async fn backlog(state: &Dashboard) -> String {
 
 /// One sample of a Prometheus text exposition: `name{labels} value`.
 fn samples(text: &str) -> impl Iterator<Item = (&str, &str, f64)> {
-    text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let value: f64 = value.parse().ok()?;
-        let (name, labels) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        Some((name, labels, value))
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            Some((name, labels, value))
+        })
 }
 
 /// The upper bound of the bucket holding quantile `q` of a histogram, from its `le` buckets.
@@ -312,7 +325,10 @@ fn publishing(state: &Dashboard) -> String {
     let count = sum(&text, &format!("{latency}_count"));
     let mean = (count > 0.0).then(|| sum(&text, &format!("{latency}_sum")) / count);
     let fig = |value: String, label: &str| {
-        format!("<div class=fig><b>{value}</b><span>{}</span></div>", esc(label))
+        format!(
+            "<div class=fig><b>{value}</b><span>{}</span></div>",
+            esc(label)
+        )
     };
     format!(
         "<section id=publishing><h2>Publishing (this relay process)</h2><div class=figs>{}{}{}{}{}{}{}</div></section>",
@@ -329,8 +345,14 @@ fn publishing(state: &Dashboard) -> String {
                 .unwrap_or_else(|| "–".into()),
             "mean enqueue → confirm"
         ),
-        fig(seconds(quantile(&text, latency, 0.5)), "p50 enqueue → confirm"),
-        fig(seconds(quantile(&text, latency, 0.99)), "p99 enqueue → confirm"),
+        fig(
+            seconds(quantile(&text, latency, 0.5)),
+            "p50 enqueue → confirm"
+        ),
+        fig(
+            seconds(quantile(&text, latency, 0.99)),
+            "p99 enqueue → confirm"
+        ),
     )
 }
 
@@ -346,7 +368,7 @@ async fn relay_dead_letters(state: &Dashboard, csrf: Option<&str>) -> String {
                     format!(
                         "<td><a href=/dashboard/relay-dead/{id}>{id}</a></td><td>{}</td><td>{}</td>\
                          <td class=n>{}</td><td>{}</td><td>{}</td><td>{}</td>",
-                        esc(&d.exchange),
+                        exchange(&d.exchange),
                         esc(&d.routing_key),
                         d.attempts,
                         short(&d.reason, 80),
@@ -459,7 +481,7 @@ async fn prepared(state: &Dashboard, csrf: Option<&str>) -> String {
                     format!(
                         "<td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=n>{}</td>\
                          <td>{}</td><td>{}</td><td>{} {}</td>",
-                        esc(r.get("exchange")),
+                        exchange(r.get("exchange")),
                         esc(r.get("routing_key")),
                         esc(r.get("state")),
                         esc(r.get::<Option<&str>, _>("check_url").unwrap_or("–")),
@@ -636,9 +658,11 @@ async fn sagas(state: &Dashboard) -> String {
     .bind(ROWS)
     .fetch_all(&state.pool)
     .await;
-    let counts = sqlx::query("SELECT state, count(*) AS n FROM saga.instances GROUP BY state ORDER BY state")
-        .fetch_all(&state.pool)
-        .await;
+    let counts = sqlx::query(
+        "SELECT state, count(*) AS n FROM saga.instances GROUP BY state ORDER BY state",
+    )
+    .fetch_all(&state.pool)
+    .await;
     let inner = match (rows, counts) {
         (Ok(rows), Ok(counts)) => {
             let summary: Vec<String> = counts
@@ -792,7 +816,9 @@ pub(crate) async fn consumer_dead(
             ("queue", esc(&d.queue)),
             (
                 "message id",
-                d.message_id.map(|m| m.to_string()).unwrap_or_else(|| "–".into())
+                d.message_id
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "–".into())
             ),
             ("exchange", esc(&d.exchange)),
             ("routing key", esc(&d.routing_key)),
@@ -805,7 +831,12 @@ pub(crate) async fn consumer_dead(
         esc(&serde_json::to_string_pretty(&d.headers).unwrap_or_default()),
         payload_text(&d.payload),
     );
-    Ok(page(&format!("consumer dead letter {id}"), csrf.as_deref(), &body).into_response())
+    Ok(page(
+        &format!("consumer dead letter {id}"),
+        csrf.as_deref(),
+        &body,
+    )
+    .into_response())
 }
 
 /// `GET /dashboard/notifications/{id}`: the notification and every attempt.

@@ -66,7 +66,10 @@ pub async fn login(server: &Server) -> String {
         .unwrap();
     assert_eq!(resp.status(), 303, "login");
     let set = resp.headers()[header::SET_COOKIE].to_str().unwrap();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
     set.split(';').next().unwrap().to_owned()
 }
 
@@ -81,7 +84,10 @@ pub async fn csrf_of(server: &Server, cookie: &str) -> String {
         .text()
         .await
         .unwrap();
-    let start = page.find("name=csrf value=\"").expect("a form with a csrf token") + 17;
+    let start = page
+        .find("name=csrf value=\"")
+        .expect("a form with a csrf token")
+        + 17;
     page[start..start + page[start..].find('"').unwrap()].to_owned()
 }
 
