@@ -111,6 +111,15 @@ async fn pages_without_a_login_or_token_are_401() {
     assert!(resp.text().await.unwrap().contains("secret payload"));
 }
 
+/// (what, session cookie, form body, extra headers, expected status)
+type Refused<'a> = (
+    &'a str,
+    Option<&'a str>,
+    String,
+    Vec<(&'a str, &'a str)>,
+    u16,
+);
+
 #[tokio::test]
 async fn refused_actions_change_nothing() {
     let db = fresh_db().await;
@@ -123,7 +132,7 @@ async fn refused_actions_change_nothing() {
     assert_ne!(csrf, other_csrf, "each session has its own token");
     let good = format!("csrf={csrf}");
 
-    let refused: [(&str, Option<&str>, String, Vec<(&str, &str)>, u16); 7] = [
+    let refused: [Refused; 7] = [
         ("no session", None, good.clone(), vec![], 401),
         (
             "bearer token instead of a session",
@@ -344,10 +353,12 @@ async fn replay_resolve_and_resend_do_what_their_cli_and_api_do() {
     assert_eq!(in_outbox, 1);
 
     // An exhausted notification is put back on a fresh schedule, due now.
-    sqlx::query("SELECT notify.upsert_endpoint('ep', 'http://127.0.0.1:9/', 'secret-0123456789abcdef')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "SELECT notify.upsert_endpoint('ep', 'http://127.0.0.1:9/', 'secret-0123456789abcdef')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let n: i64 = sqlx::query_scalar("SELECT notify.send('ep', 'e.v', '{}')")
         .fetch_one(&db.pool)
         .await

@@ -258,13 +258,13 @@ impl FromRequestParts<Dashboard> for Operator {
 /// header (curl, scripts) still need the session cookie and the CSRF token.
 pub(crate) fn same_origin(headers: &HeaderMap) -> Result<(), Problem> {
     let refuse = |detail: String| Problem::new(StatusCode::FORBIDDEN, "cross-site request", detail);
-    if let Some(site) = headers.get("sec-fetch-site") {
-        if site.as_bytes() != b"same-origin" {
-            return Err(refuse(format!(
-                "Sec-Fetch-Site is {:?}; actions are accepted from the dashboard's own pages only",
-                String::from_utf8_lossy(site.as_bytes())
-            )));
-        }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return Err(refuse(format!(
+            "Sec-Fetch-Site is {:?}; actions are accepted from the dashboard's own pages only",
+            String::from_utf8_lossy(site.as_bytes())
+        )));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers
