@@ -50,6 +50,9 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Check-back of prepared messages (the `[checkback]` section).
     pub checkback: crate::checkback::CheckbackConfig,
+    /// Let the dashboard's read-only pages be seen without logging in (actions still need the
+    /// admin token). Off by default.
+    pub dashboard_public_read: bool,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             listen: true,
             db_pool_size: 10,
             checkback: crate::checkback::CheckbackConfig::default(),
+            dashboard_public_read: false,
         }
     }
 }

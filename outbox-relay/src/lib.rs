@@ -9,12 +9,14 @@
 //! - [`admin`]: `status` and the dead-letter commands.
 //! - [`prepared_api`] and [`checkback`]: two-phase messages and their check-back.
 //! - [`saga_api`]: the saga operator view (`/v1/sagas`, retry a stuck saga).
+//! - [`dashboard`]: the operator's web page under `/dashboard` (behind the admin token).
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod checkback;
 pub mod claim;
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod metrics;
 pub mod prepared_api;

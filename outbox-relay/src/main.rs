@@ -319,7 +319,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding RELAY_HTTP_ADDR {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, "http listening");
     let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone()).merge(
-        outbox_relay::saga_api::router(pool.clone(), config.admin_token.clone()),
+        outbox_relay::saga_api::router(pool.clone(), config.admin_token.clone()).merge(
+            outbox_relay::dashboard::router(outbox_relay::dashboard::Settings {
+            pool: pool.clone(),
+            admin_token: config.admin_token.clone(),
+            amqp_url: config.amqp_url.clone(),
+            metrics: Some(metrics.clone()),
+            public_read: config.dashboard_public_read,
+            }),
+        ),
     );
     let router = http::router(pool.clone(), health.clone(), Some(metrics), api);
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
