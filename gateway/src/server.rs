@@ -55,6 +55,9 @@ pub enum StartError {
         "the database has no gateway tables (schema `gateway`, migration 0003_gateway); run `outbox-relay migrate` or `gateway migrate --config FILE` first"
     )]
     MissingSchema,
+    /// `DATABASE_POOL_MODE` is invalid or does not match the database (names the setting).
+    #[error(transparent)]
+    PoolMode(#[from] outbox::pool::PoolError),
     /// Redis could not be reached.
     #[error("cannot connect to redis_url: {0}")]
     Redis(#[source] redis::RedisError),
@@ -144,12 +147,15 @@ impl Gateway {
         crate::metrics::handle();
         let pg = match &config.database_url {
             Some(url) if config.store == StoreKind::Postgres => {
+                // DATABASE_POOL_MODE=transaction behind PgBouncer's transaction pooling.
+                let mode = outbox::pool::PoolMode::from_env()?;
                 let pool = PgPoolOptions::new()
                     .max_connections(20)
                     .acquire_timeout(Duration::from_secs(5))
-                    .connect(url)
+                    .connect_with(outbox::pool::connect_options(url, mode)?)
                     .await
                     .map_err(StartError::Database)?;
+                outbox::pool::check(&pool, mode).await?;
                 if !has_schema(&pool).await.map_err(StartError::Database)? {
                     return Err(StartError::MissingSchema);
                 }
