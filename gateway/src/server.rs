@@ -132,13 +132,16 @@ pub struct Gateway {
 
 /// Checks that migration 0003 has been applied to this database.
 pub async fn has_schema(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_scalar(
         "SELECT to_regclass('gateway.idempotency_records') IS NOT NULL
             AND to_regclass('gateway.lock_entries') IS NOT NULL
             AND to_regprocedure('gateway.lock_try(bigint,bigint)') IS NOT NULL",
     )
-    .fetch_one(pool)
-    .await
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(out)
 }
 
 impl Gateway {
@@ -419,7 +422,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let check = async {
         if let Some(pool) = &shared.pg {
-            sqlx::query("SELECT 1")
+            // The simple protocol: one round, safe behind a transaction pooler.
+            sqlx::raw_sql("SELECT 1")
                 .execute(pool)
                 .await
                 .map_err(|e| format!("postgres: {e}"))?;

@@ -72,9 +72,12 @@ pub async fn dead_ids(pool: &PgPool, limit: i64) -> Result<Vec<i64>, sqlx::Error
 
 /// How many dead letters there are.
 pub async fn dead_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
-        .fetch_one(pool)
-        .await
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_scalar("SELECT count(*) FROM outbox.dead_letters")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(out)
 }
 
 /// Sets this database's id in the global message-id space (0..=127).
@@ -90,7 +93,10 @@ pub async fn set_database_id(pool: &PgPool, id: u8) -> Result<(), sqlx::Error> {
 
 /// This database's id in the global message-id space.
 pub async fn database_id(pool: &PgPool) -> Result<i16, sqlx::Error> {
-    sqlx::query_scalar("SELECT database_id FROM outbox.settings")
-        .fetch_one(pool)
-        .await
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_scalar("SELECT database_id FROM outbox.settings")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(out)
 }

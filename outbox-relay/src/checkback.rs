@@ -265,14 +265,16 @@ pub async fn unresolved(pool: &PgPool, limit: i64) -> Result<Vec<UnresolvedMessa
 
 /// Counts of undecided prepared messages.
 pub async fn counts(pool: &PgPool) -> Result<PreparedCounts, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let (pending, unresolved, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'pending'), \
                 count(*) FILTER (WHERE state = 'unresolved'), \
                 extract(epoch FROM now() - min(created_at))::float8 \
          FROM outbox.prepared_messages",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(PreparedCounts {
         pending,
         unresolved,

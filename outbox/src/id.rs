@@ -290,9 +290,11 @@ impl IdGenerator {
         clock: Arc<dyn Clock>,
         config: IdGeneratorConfig,
     ) -> Result<Self, Error> {
+        let mut tx = pool.begin().await?;
         let database_id: i16 = sqlx::query_scalar("SELECT database_id FROM outbox.settings")
-            .fetch_one(&pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         let generator = IdGenerator {
             inner: Arc::new(Inner {
                 pool,

@@ -14,8 +14,9 @@
 //! | `persistent(false)` (unnamed) | 1,500 **wrong results**: `Bind` ran another client's unnamed statement | 0 failed |
 //!
 //! So [`PoolMode::Transaction`] means three rules, all kept by this workspace's code:
-//! 1. every statement with arguments runs inside an explicit transaction (statements without
-//!    arguments use the simple protocol, one round, and are safe anywhere);
+//! 1. every `sqlx::query*` statement runs inside an explicit transaction: sqlx uses the
+//!    extended protocol for all of them, with or without arguments (only `sqlx::raw_sql`, the
+//!    simple protocol in one round, is safe outside one);
 //! 2. sqlx's statement cache is off ([`connect_options`]), so no statement is expected to
 //!    outlive its transaction;
 //! 3. PgBouncer runs `server_reset_query` (its default `DISCARD ALL`) after every transaction:

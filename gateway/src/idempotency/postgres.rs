@@ -146,6 +146,7 @@ impl PgRecords {
         // Batches keep each delete short, so it never holds back vacuum or blocks claims for long.
         let mut total = 0;
         loop {
+            let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
                 "DELETE FROM gateway.idempotency_records
                  WHERE (caller, key) IN (
@@ -153,8 +154,9 @@ impl PgRecords {
                      WHERE expires_at <= clock_timestamp() LIMIT 1000
                      FOR UPDATE SKIP LOCKED)",
             )
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             total += done.rows_affected();
             if done.rows_affected() < 1000 {
                 return Ok(total);

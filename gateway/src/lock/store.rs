@@ -213,12 +213,14 @@ impl LockStore {
     pub async fn cleanup(&self) -> Result<u64, StoreError> {
         match self {
             Self::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await?;
                 let done = sqlx::query(
                     "DELETE FROM gateway.lock_entries
                      WHERE expires_at < clock_timestamp() - interval '1 minute'",
                 )
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(done.rows_affected())
             }
             Self::Redis { .. } => Ok(0),
