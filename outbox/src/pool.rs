@@ -131,9 +131,7 @@ pub fn connect_options(url: &str, mode: PoolMode) -> Result<PgConnectOptions, Po
     let options = PgConnectOptions::from_str(url).map_err(PoolError::Url)?;
     Ok(match mode {
         PoolMode::Session => options,
-        PoolMode::Transaction => options
-            .statement_cache_capacity(0)
-            .extra_float_digits(None),
+        PoolMode::Transaction => options.statement_cache_capacity(0).extra_float_digits(None),
     })
 }
 
@@ -166,7 +164,10 @@ mod tests {
 
     #[test]
     fn mode_parses_and_names_the_variable() {
-        assert_eq!("transaction".parse::<PoolMode>().unwrap(), PoolMode::Transaction);
+        assert_eq!(
+            "transaction".parse::<PoolMode>().unwrap(),
+            PoolMode::Transaction
+        );
         assert_eq!(" Session ".parse::<PoolMode>().unwrap(), PoolMode::Session);
         assert_eq!(
             PoolMode::from_env_with(|_| None).unwrap(),
@@ -183,7 +184,10 @@ mod tests {
         let err = PoolMode::Transaction
             .require_session("migrations")
             .unwrap_err();
-        assert!(err.to_string().starts_with("migrations needs a session"), "{err}");
+        assert!(
+            err.to_string().starts_with("migrations needs a session"),
+            "{err}"
+        );
         assert!(err.to_string().contains("DATABASE_POOL_MODE"), "{err}");
     }
 }

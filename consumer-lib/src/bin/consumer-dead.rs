@@ -77,11 +77,7 @@ async fn main() -> anyhow::Result<()> {
     // cache, and no startup parameter PgBouncer refuses.
     match std::env::var("DATABASE_POOL_MODE").as_deref() {
         Err(_) | Ok("session") => {}
-        Ok("transaction") => {
-            options = options
-                .statement_cache_capacity(0)
-                .extra_float_digits(None)
-        }
+        Ok("transaction") => options = options.statement_cache_capacity(0).extra_float_digits(None),
         Ok(other) => bail!("DATABASE_POOL_MODE: `{other}` is not `session` or `transaction`"),
     }
     let pool = PgPoolOptions::new()

@@ -312,10 +312,26 @@ async fn pipeline_through_pgbouncer_transaction_mode_applies_everything_once() {
             for i in 0..PER_PRODUCER {
                 let n = (p * PER_PRODUCER + i) as i64;
                 let mut tx = pool.begin().await.expect("begin");
-                let msg = outbox::Message::json("", &queue, &serde_json::json!({ "n": n }))
-                    .unwrap()
-                    .with_ordering_key(format!("k{}", n % 10));
-                outbox.enqueue(&mut tx, &msg).await.expect("enqueue");
+                if p == 0 {
+                    // The Rust API renews its id lease on a second connection while this
+                    // transaction is open: behind a pooler with fewer server connections
+                    // than such transactions, they would wait on each other (README).
+                    let msg = outbox::Message::json("", &queue, &serde_json::json!({ "n": n }))
+                        .unwrap()
+                        .with_ordering_key(format!("k{}", n % 10));
+                    outbox.enqueue(&mut tx, &msg).await.expect("enqueue");
+                } else {
+                    sqlx::query(
+                        "SELECT outbox.enqueue('', $1, convert_to($2, 'UTF8'), \
+                                               ordering_key => $3)",
+                    )
+                    .bind(&queue)
+                    .bind(serde_json::json!({ "n": n }).to_string())
+                    .bind(format!("k{}", n % 10))
+                    .execute(&mut *tx)
+                    .await
+                    .expect("outbox.enqueue");
+                }
                 tx.commit().await.expect("commit");
             }
         }));
@@ -526,8 +542,16 @@ async fn pipeline_through_pgbouncer_transaction_mode_applies_everything_once() {
     );
     assert_eq!(distinct, sent, "every message applied");
     assert_eq!(rows, distinct, "none applied twice");
-    assert_eq!(values, (0..sent).collect::<HashSet<_>>(), "the payloads sent");
-    assert_eq!((left, dead), (0, 0), "outbox drained, nothing dead-lettered");
+    assert_eq!(
+        values,
+        (0..sent).collect::<HashSet<_>>(),
+        "the payloads sent"
+    );
+    assert_eq!(
+        (left, dead),
+        (0, 0),
+        "outbox drained, nothing dead-lettered"
+    );
     assert_eq!(hooks, vec![notification.to_string()], "one webhook, its id");
 
     shutdown.cancel();
