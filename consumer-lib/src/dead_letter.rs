@@ -86,6 +86,9 @@ pub(crate) async fn record(
     error: &str,
 ) -> Result<bool, Error> {
     let headers = headers::to_json(&headers::without_death_headers(&envelope.headers));
+    let ctx = Error::database("record dead letter");
+    // In a transaction, as every statement with arguments here: see `outbox::pool`.
+    let mut tx = pool.begin().await.map_err(ctx)?;
     let result = sqlx::query(
         "INSERT INTO inbox.compensation_log \
            (consumer, queue, message_id, exchange, routing_key, payload, headers, content_type, \
@@ -112,9 +115,10 @@ pub(crate) async fn record(
     .bind(i32::try_from(attempts).unwrap_or(i32::MAX))
     .bind(reason.as_str())
     .bind(error)
-    .execute(pool)
+    .execute(&mut *tx)
     .await
-    .map_err(Error::database("record dead letter"))?;
+    .map_err(ctx)?;
+    tx.commit().await.map_err(ctx)?;
     Ok(result.rows_affected() == 1)
 }
 
@@ -126,7 +130,9 @@ pub async fn list(
     include_replayed: bool,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, Error> {
-    sqlx::query_as::<_, DeadLetter>(
+    let ctx = Error::database("list dead letters");
+    let mut tx = pool.begin().await.map_err(ctx)?;
+    let rows = sqlx::query_as::<_, DeadLetter>(
         "SELECT * FROM inbox.compensation_log \
          WHERE ($1::text IS NULL OR consumer = $1) AND ($2 OR replayed_at IS NULL) \
          ORDER BY id DESC LIMIT $3",
@@ -134,18 +140,24 @@ pub async fn list(
     .bind(consumer)
     .bind(include_replayed)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await
-    .map_err(Error::database("list dead letters"))
+    .map_err(ctx)?;
+    tx.commit().await.map_err(ctx)?;
+    Ok(rows)
 }
 
 /// One compensation-log row.
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, Error> {
-    sqlx::query_as::<_, DeadLetter>("SELECT * FROM inbox.compensation_log WHERE id = $1")
+    let ctx = Error::database("read dead letter");
+    let mut tx = pool.begin().await.map_err(ctx)?;
+    let row = sqlx::query_as::<_, DeadLetter>("SELECT * FROM inbox.compensation_log WHERE id = $1")
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(Error::database("read dead letter"))
+        .map_err(ctx)?;
+    tx.commit().await.map_err(ctx)?;
+    Ok(row)
 }
 
 /// Puts a dead letter back on its consumer's queue with a fresh attempt count, then marks the

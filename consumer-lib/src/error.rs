@@ -84,7 +84,7 @@ impl Error {
         move |source| Error::Broker { context, source }
     }
 
-    pub(crate) fn database(context: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+    pub(crate) fn database(context: &'static str) -> impl Fn(sqlx::Error) -> Self + Copy {
         move |source| Error::Database { context, source }
     }
 }

@@ -29,14 +29,19 @@ pub(crate) async fn mark_done(
 
 /// Whether `message_id` is already done for `consumer`.
 pub async fn is_done(pool: &PgPool, consumer: &str, message_id: i64) -> Result<bool, Error> {
-    sqlx::query_scalar::<_, bool>(
+    let ctx = Error::database("read inbox");
+    // In a transaction, as every statement with arguments here: see `outbox::pool`.
+    let mut tx = pool.begin().await.map_err(ctx)?;
+    let done = sqlx::query_scalar::<_, bool>(
         "SELECT EXISTS (SELECT 1 FROM inbox.processed WHERE consumer = $1 AND message_id = $2)",
     )
     .bind(consumer)
     .bind(message_id)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await
-    .map_err(Error::database("read inbox"))
+    .map_err(ctx)?;
+    tx.commit().await.map_err(ctx)?;
+    Ok(done)
 }
 
 /// Deletes `consumer`'s inbox rows older than `older_than`, `batch` rows per statement so no
@@ -49,7 +54,9 @@ pub async fn purge(
 ) -> Result<u64, Error> {
     let seconds = older_than.as_secs_f64();
     let mut total = 0;
+    let ctx = Error::database("purge inbox");
     loop {
+        let mut tx = pool.begin().await.map_err(ctx)?;
         let deleted = sqlx::query(
             "DELETE FROM inbox.processed WHERE ctid IN ( \
                SELECT ctid FROM inbox.processed \
@@ -59,10 +66,11 @@ pub async fn purge(
         .bind(consumer)
         .bind(seconds)
         .bind(batch)
-        .execute(pool)
+        .execute(&mut *tx)
         .await
-        .map_err(Error::database("purge inbox"))?
+        .map_err(ctx)?
         .rows_affected();
+        tx.commit().await.map_err(ctx)?;
         total += deleted;
         if deleted < batch as u64 {
             return Ok(total);

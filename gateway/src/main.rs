@@ -67,6 +67,8 @@ async fn migrate(config: Option<PathBuf>, url: Option<String>) -> anyhow::Result
             "no database: set database_url in the config, --database-url or DATABASE_URL",
         )?,
     };
+    // sqlx's migrator holds a session advisory lock across its statements.
+    outbox::pool::PoolMode::from_env()?.require_session("gateway migrate")?;
     let pool = sqlx::PgPool::connect(&url)
         .await
         .context("connect to the database")?;

@@ -55,6 +55,9 @@ pub enum StartError {
         "the database has no gateway tables (schema `gateway`, migration 0003_gateway); run `outbox-relay migrate` or `gateway migrate --config FILE` first"
     )]
     MissingSchema,
+    /// `DATABASE_POOL_MODE` is invalid or does not match the database (names the setting).
+    #[error(transparent)]
+    PoolMode(#[from] outbox::pool::PoolError),
     /// Redis could not be reached.
     #[error("cannot connect to redis_url: {0}")]
     Redis(#[source] redis::RedisError),
@@ -129,13 +132,16 @@ pub struct Gateway {
 
 /// Checks that migration 0003 has been applied to this database.
 pub async fn has_schema(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_scalar(
         "SELECT to_regclass('gateway.idempotency_records') IS NOT NULL
             AND to_regclass('gateway.lock_entries') IS NOT NULL
             AND to_regprocedure('gateway.lock_try(bigint,bigint)') IS NOT NULL",
     )
-    .fetch_one(pool)
-    .await
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(out)
 }
 
 impl Gateway {
@@ -144,12 +150,15 @@ impl Gateway {
         crate::metrics::handle();
         let pg = match &config.database_url {
             Some(url) if config.store == StoreKind::Postgres => {
+                // DATABASE_POOL_MODE=transaction behind PgBouncer's transaction pooling.
+                let mode = outbox::pool::PoolMode::from_env()?;
                 let pool = PgPoolOptions::new()
                     .max_connections(20)
                     .acquire_timeout(Duration::from_secs(5))
-                    .connect(url)
+                    .connect_with(outbox::pool::connect_options(url, mode)?)
                     .await
                     .map_err(StartError::Database)?;
+                outbox::pool::check(&pool, mode).await?;
                 if !has_schema(&pool).await.map_err(StartError::Database)? {
                     return Err(StartError::MissingSchema);
                 }
@@ -413,7 +422,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let check = async {
         if let Some(pool) = &shared.pg {
-            sqlx::query("SELECT 1")
+            // The simple protocol: one round, safe behind a transaction pooler.
+            sqlx::raw_sql("SELECT 1")
                 .execute(pool)
                 .await
                 .map_err(|e| format!("postgres: {e}"))?;

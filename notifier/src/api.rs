@@ -97,7 +97,7 @@ fn parse_id(raw: &str) -> Result<i64, Problem> {
 }
 
 async fn ready(State(state): State<ApiState>) -> Response {
-    match sqlx::query("SELECT 1").execute(&state.pool).await {
+    match sqlx::raw_sql("SELECT 1").execute(&state.pool).await {
         Ok(_) => "ready".into_response(),
         Err(e) => Problem::store(&e.into()).into_response(),
     }

@@ -40,7 +40,10 @@ pub use outbox::MIGRATOR;
 
 /// Whether the notifier's tables exist on this database (migrations applied).
 pub async fn has_schema(pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT to_regclass('notify.notifications') IS NOT NULL")
-        .fetch_one(pool)
-        .await
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_scalar("SELECT to_regclass('notify.notifications') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(out)
 }

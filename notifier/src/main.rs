@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use axum::routing::get;
 use clap::{Parser, Subcommand};
 use notifier::{Config, Worker};
+use outbox::pool::PoolMode;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -44,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let cfg = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    let mode = PoolMode::from_env().context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             println!(
@@ -55,7 +57,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let pool = connect(&cfg).await?;
+            // sqlx's migrator holds a session advisory lock across its statements.
+            mode.require_session("notifier migrate")?;
+            let pool = connect(&cfg, mode).await?;
             notifier::MIGRATOR
                 .run(&pool)
                 .await
@@ -63,20 +67,22 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Run => run(cfg).await,
+        Command::Run => run(cfg, mode).await,
     }
 }
 
-async fn connect(cfg: &Config) -> anyhow::Result<sqlx::PgPool> {
-    PgPoolOptions::new()
+async fn connect(cfg: &Config, mode: PoolMode) -> anyhow::Result<sqlx::PgPool> {
+    let pool = PgPoolOptions::new()
         .max_connections(cfg.worker.max_in_flight.min(32) + 4)
-        .connect(&cfg.database_url)
+        .connect_with(outbox::pool::connect_options(&cfg.database_url, mode)?)
         .await
-        .context("connecting to the database (database_url / DATABASE_URL)")
+        .context("connecting to the database (database_url / DATABASE_URL)")?;
+    outbox::pool::check(&pool, mode).await?;
+    Ok(pool)
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let pool = connect(&cfg).await?;
+async fn run(cfg: Config, mode: PoolMode) -> anyhow::Result<()> {
+    let pool = connect(&cfg, mode).await?;
     if !notifier::has_schema(&pool)
         .await
         .context("checking for the notify schema")?
@@ -90,13 +96,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             "no API tokens configured ([[tokens]] or NOTIFIER_API_TOKEN): the query API refuses every request"
         );
     }
-    let mut conn = pool.acquire().await.context("database connection")?;
+    // One transaction: all endpoints or none, and safe behind a transaction pooler.
+    let mut tx = pool.begin().await.context("database connection")?;
     for ep in &cfg.endpoints {
-        ep.upsert(&mut conn, cfg.previous_secret_valid_for)
+        ep.upsert(&mut tx, cfg.previous_secret_valid_for)
             .await
             .with_context(|| format!("saving endpoint {:?}", ep.id))?;
     }
-    drop(conn);
+    tx.commit().await.context("saving endpoints")?;
 
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()

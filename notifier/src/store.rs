@@ -43,18 +43,21 @@ pub struct Job {
 
 /// Claims up to `batch` due notifications for `lease`.
 pub async fn claim(pool: &PgPool, batch: usize, lease: Duration) -> Result<Vec<Job>, Error> {
+    let mut tx = pool.begin().await?;
     let claimed: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT id, claim_token FROM notify.claim($1, $2 * interval '1 millisecond')",
     )
     .bind(batch as i32)
     .bind(lease.as_millis() as f64)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     if claimed.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = claimed.iter().map(|c| c.0).collect();
     let tokens: Vec<i64> = claimed.iter().map(|c| c.1).collect();
+    let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT n.id, c.token, n.endpoint_id, e.url, e.secret, \
                 CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret, \
@@ -67,8 +70,9 @@ pub async fn claim(pool: &PgPool, batch: usize, lease: Duration) -> Result<Vec<J
     )
     .bind(&ids)
     .bind(&tokens)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     rows.into_iter()
         .map(|r| {
             let mut secrets = vec![r.try_get::<String, _>("secret")?];
@@ -367,12 +371,16 @@ fn view(r: &sqlx::postgres::PgRow, with_body: bool) -> Result<NotificationView, 
 /// One notification with its attempts.
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<NotificationView>, Error> {
     let sql = format!("SELECT {VIEW_COLUMNS} FROM notify.notifications WHERE id = $1");
+    // Both reads in one transaction: behind PgBouncer's transaction mode a statement with
+    // arguments must not run outside one (outbox::pool).
+    let mut tx = pool.begin().await?;
     // VIEW_COLUMNS is a constant list of column names.
     let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?
     else {
+        tx.commit().await?;
         return Ok(None);
     };
     let mut v = view(&row, true)?;
@@ -381,7 +389,7 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<NotificationView>, Err
          FROM notify.attempts WHERE notification_id = $1 ORDER BY attempt_no, id",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?
     .iter()
     .map(|r| {
@@ -395,6 +403,7 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<NotificationView>, Err
         })
     })
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    tx.commit().await?;
     v.attempt_log = Some(attempts);
     Ok(Some(v))
 }
@@ -427,6 +436,7 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<NotificationView>,
            AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6)) \
          ORDER BY created_at, id LIMIT $7"
     );
+    let mut tx = pool.begin().await?;
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&q.endpoint)
         .bind(q.since)
@@ -435,8 +445,9 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<NotificationView>,
         .bind(q.after.map(|a| a.0))
         .bind(q.after.map(|a| a.1).unwrap_or(0))
         .bind(q.limit)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
+    tx.commit().await?;
     rows.iter()
         .map(|r| view(r, true))
         .collect::<Result<_, _>>()
@@ -445,17 +456,19 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<Vec<NotificationView>,
 
 /// The endpoint of a notification, if it exists.
 pub async fn endpoint_of(pool: &PgPool, id: i64) -> Result<Option<String>, Error> {
-    Ok(
-        sqlx::query_scalar("SELECT endpoint_id FROM notify.notifications WHERE id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
-    )
+    let mut tx = pool.begin().await?;
+    let endpoint = sqlx::query_scalar("SELECT endpoint_id FROM notify.notifications WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(endpoint)
 }
 
 /// Puts a notification back on a fresh schedule, due now. A pending one in flight keeps its
 /// claim (so it is never sent twice at once) and only restarts its schedule.
 pub async fn resend(pool: &PgPool, id: i64) -> Result<bool, Error> {
+    let mut tx = pool.begin().await?;
     let n = sqlx::query(
         "UPDATE notify.notifications SET status = 'pending', step = 0, \
              next_attempt_at = CASE WHEN status = 'pending' AND claimed_until > now() \
@@ -465,8 +478,9 @@ pub async fn resend(pool: &PgPool, id: i64) -> Result<bool, Error> {
          WHERE id = $1",
     )
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    tx.commit().await?;
     Ok(n == 1)
 }

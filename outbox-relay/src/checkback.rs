@@ -236,7 +236,10 @@ pub async fn resolve(
     id: MessageId,
     decision: Decision,
 ) -> Result<(), PreparedError> {
-    prepared::decide_expecting(pool, id, decision, DecidedBy::Operator).await?;
+    let mut tx = pool.begin().await?;
+    let decided = prepared::decide_expecting(&mut *tx, id, decision, DecidedBy::Operator).await;
+    tx.commit().await?;
+    decided?;
     metrics::counter!("outbox_prepared_decisions_total",
         "decision" => decision.as_str(), "by" => "operator")
     .increment(1);
@@ -246,27 +249,32 @@ pub async fn resolve(
 
 /// The unresolved prepared messages, oldest first, at most `limit`.
 pub async fn unresolved(pool: &PgPool, limit: i64) -> Result<Vec<UnresolvedMessage>, sqlx::Error> {
-    sqlx::query_as(
+    let mut tx = pool.begin().await?;
+    let out = sqlx::query_as(
         "SELECT id, exchange, routing_key, check_url, check_attempts, last_check_error, \
                 created_at, unresolved_at \
          FROM outbox.prepared_messages WHERE state = 'unresolved' \
          ORDER BY created_at, id LIMIT $1",
     )
     .bind(limit)
-    .fetch_all(pool)
-    .await
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(out)
 }
 
 /// Counts of undecided prepared messages.
 pub async fn counts(pool: &PgPool) -> Result<PreparedCounts, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let (pending, unresolved, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'pending'), \
                 count(*) FILTER (WHERE state = 'unresolved'), \
                 extract(epoch FROM now() - min(created_at))::float8 \
          FROM outbox.prepared_messages",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(PreparedCounts {
         pending,
         unresolved,
@@ -421,13 +429,19 @@ async fn upkeep(pool: &PgPool, config: &CheckbackConfig) {
         tracing::warn!(cause = %e, "counting prepared messages failed");
     }
     // Batched so a long backlog of old outcomes never becomes one long transaction.
-    let pruned = sqlx::query(
-        "DELETE FROM outbox.prepared_outcomes WHERE id IN ( \
-             SELECT id FROM outbox.prepared_outcomes \
-             WHERE decided_at < now() - $1 * interval '1 millisecond' LIMIT 5000)",
-    )
-    .bind(config.outcome_retention_ms.as_millis() as i64)
-    .execute(pool)
+    let pruned = async {
+        let mut tx = pool.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM outbox.prepared_outcomes WHERE id IN ( \
+                 SELECT id FROM outbox.prepared_outcomes \
+                 WHERE decided_at < now() - $1 * interval '1 millisecond' LIMIT 5000)",
+        )
+        .bind(config.outcome_retention_ms.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(done)
+    }
     .await;
     match pruned {
         Ok(done) if done.rows_affected() > 0 => {
@@ -444,6 +458,7 @@ async fn claim(
     config: &CheckbackConfig,
     limit: i64,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let rows: Vec<(i64, Option<String>, i32)> = sqlx::query_as(
         "WITH due AS ( \
              SELECT id FROM outbox.prepared_messages \
@@ -462,8 +477,9 @@ async fn claim(
     .bind(limit)
     .bind(config.check_after_ms.as_millis() as i64)
     .bind(config.lease().as_millis() as i64)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(rows
         .into_iter()
         .map(|(id, check_url, attempt)| Claimed {
@@ -477,6 +493,7 @@ async fn claim(
 /// Gives rate-limited checks their attempt back and their reserved slot as the due time.
 async fn defer(pool: &PgPool, rows: &[(i64, i64)]) -> Result<(), sqlx::Error> {
     let (ids, waits): (Vec<i64>, Vec<i64>) = rows.iter().copied().unzip();
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "UPDATE outbox.prepared_messages p \
          SET check_attempts = p.check_attempts - 1, \
@@ -486,8 +503,9 @@ async fn defer(pool: &PgPool, rows: &[(i64, i64)]) -> Result<(), sqlx::Error> {
     )
     .bind(ids)
     .bind(waits)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -580,7 +598,10 @@ async fn settle(
         Answer::Decided(decision) => {
             metrics::counter!("outbox_prepared_checks_total", "result" => decision.as_str())
                 .increment(1);
-            let decided = match prepared::decide(pool, id, decision, DecidedBy::Checkback).await {
+            let mut tx = pool.begin().await?;
+            let decided = prepared::decide(&mut *tx, id, decision, DecidedBy::Checkback).await;
+            tx.commit().await?;
+            let decided = match decided {
                 Ok(decided) => decided,
                 Err(PreparedError::Database(e)) => return Err(PreparedError::Database(e)),
                 // The decision itself was refused (the message no longer passes the outbox's
@@ -642,6 +663,7 @@ async fn record_failure(
 ) -> Result<(), PreparedError> {
     let park = row.attempt >= config.max_checks as i32;
     let wait = config.backoff(row.attempt.max(1) as u32);
+    let mut tx = pool.begin().await?;
     let updated = sqlx::query(
         "UPDATE outbox.prepared_messages \
          SET last_check_error = $2, \
@@ -656,8 +678,9 @@ async fn record_failure(
     .bind(park)
     .bind(wait.as_millis() as i64)
     .bind(row.attempt)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     if updated.rows_affected() == 0 {
         // Decided meanwhile, or this claim's lease ran out and another check took over.
         return Ok(());

@@ -57,7 +57,7 @@ async fn healthz() -> &'static str {
 
 /// Ready when the database answers and at least one worker holds a broker connection.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let db = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let db = sqlx::raw_sql("SELECT 1").execute(&state.pool).await.is_ok();
     let brokers = state.health.brokers_connected.load(Ordering::Relaxed);
     let ready = db && brokers > 0;
     let body = serde_json::json!({

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use outbox::pool::PoolMode;
 use outbox_relay::relay::{self, Health};
 use outbox_relay::{Config, admin, http};
 use sqlx::PgPool;
@@ -131,11 +132,14 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    let mode = PoolMode::from_env().context("invalid configuration")?;
 
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config).await,
+        Command::Run => run(config, mode).await,
         Command::Migrate { database_id } => {
-            let pool = connect(&config, 2).await?;
+            // sqlx's migrator holds a session advisory lock across its statements.
+            mode.require_session("outbox-relay migrate")?;
+            let pool = connect(&config, mode, 2).await?;
             outbox::MIGRATOR
                 .run(&pool)
                 .await
@@ -148,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json } => {
-            let pool = connect(&config, 2).await?;
+            let pool = connect(&config, mode, 2).await?;
             let backlog = relay::backlog(&pool, true).await?;
             let database_id = admin::database_id(&pool).await?;
             let prepared = outbox_relay::checkback::counts(&pool).await?;
@@ -188,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dead { command } => {
-            let pool = connect(&config, 2).await?;
+            let pool = connect(&config, mode, 2).await?;
             match command {
                 DeadCommand::List { limit } => {
                     for d in admin::list_dead(&pool, limit).await? {
@@ -256,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Prepared {
             command: PreparedCommand::Resolve { id, decision },
         } => {
-            let pool = connect(&config, 2).await?;
+            let pool = connect(&config, mode, 2).await?;
             let d: outbox_relay::checkback::Decision =
                 decision.parse().map_err(anyhow::Error::msg)?;
             outbox_relay::checkback::resolve(&pool, outbox::MessageId(id), d)
@@ -268,18 +272,21 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn connect(config: &Config, size: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+async fn connect(config: &Config, mode: PoolMode, size: u32) -> anyhow::Result<PgPool> {
+    let options = outbox::pool::connect_options(&config.database_url, mode)?;
+    let pool = PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&config.database_url)
+        .connect_with(options)
         .await
         .with_context(|| {
             format!(
                 "connecting to {}",
                 outbox_relay::config::redact_url(&config.database_url)
             )
-        })
+        })?;
+    outbox::pool::check(&pool, mode).await?;
+    Ok(pool)
 }
 
 async fn redrive_all(pool: &PgPool) -> anyhow::Result<()> {
@@ -303,14 +310,28 @@ async fn redrive_all(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    info!(config = %config.redacted(), "starting relay");
+async fn run(mut config: Config, mode: PoolMode) -> anyhow::Result<()> {
+    if mode.is_transaction() && config.listen {
+        // A LISTEN behind a transaction pooler lands on whichever server connection runs it,
+        // and the pooler's reset drops it: the relay polls instead.
+        info!("DATABASE_POOL_MODE=transaction: LISTEN off, polling for new messages");
+        config.listen = false;
+    }
+    info!(config = %config.redacted(), ?mode, "starting relay");
     let metrics = outbox_relay::metrics::install()?;
+    let options = outbox::pool::connect_options(&config.database_url, mode)?;
     let pool = PgPoolOptions::new()
         .max_connections(config.db_pool_size)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy(&config.database_url)
-        .context("database_url")?;
+        .connect_lazy_with(options.clone());
+    // The database may be down at start (the relay waits for it), so only a wrong mode that
+    // answers is refused here.
+    match outbox::pool::check(&pool, mode).await {
+        Err(outbox::pool::PoolError::Database(e)) => {
+            tracing::warn!(cause = %e, "database not reachable at start; retrying in the workers")
+        }
+        other => other?,
+    }
     let shutdown = CancellationToken::new();
     let health = Arc::new(Health::default());
 
@@ -336,8 +357,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let check_pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy(&config.database_url)
-        .context("database_url")?;
+        .connect_lazy_with(options);
     let checkback = tokio::spawn(outbox_relay::checkback::run(
         check_pool,
         config.checkback.clone(),

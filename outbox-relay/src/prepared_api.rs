@@ -380,7 +380,10 @@ async fn create(
     if let Some(at) = req.deliver_at {
         msg = msg.with_deliver_at(at);
     }
-    let p = prepared::prepare(&state.pool, &msg, req.check_url.as_deref()).await?;
+    // Statements with arguments run in a transaction (PgBouncer transaction mode: outbox::pool).
+    let mut tx = state.pool.begin().await.map_err(PreparedError::from)?;
+    let p = prepared::prepare(&mut *tx, &msg, req.check_url.as_deref()).await?;
+    tx.commit().await.map_err(PreparedError::from)?;
     let id = p.id();
     metrics::counter!("outbox_prepared_total").increment(1);
     tracing::info!(message_id = %id, "prepared message stored");
@@ -405,7 +408,10 @@ fn parse_id(raw: &str) -> Result<MessageId, Problem> {
 
 async fn show(State(state): State<ApiState>, Path(raw): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&raw)?;
-    let status = prepared::status(&state.pool, id).await?;
+    let mut tx = state.pool.begin().await.map_err(PreparedError::from)?;
+    let status = prepared::status(&mut *tx, id).await;
+    tx.commit().await.map_err(PreparedError::from)?;
+    let status = status?;
     Ok(
         Json(serde_json::json!({ "id": id.to_string(), "status": status.as_str() }))
             .into_response(),
@@ -428,7 +434,10 @@ async fn rollback(
 
 async fn decide(state: &ApiState, raw: &str, decision: Decision) -> Result<Response, Problem> {
     let id = parse_id(raw)?;
-    prepared::decide_expecting(&state.pool, id, decision, DecidedBy::Producer).await?;
+    let mut tx = state.pool.begin().await.map_err(PreparedError::from)?;
+    let decided = prepared::decide_expecting(&mut *tx, id, decision, DecidedBy::Producer).await;
+    tx.commit().await.map_err(PreparedError::from)?;
+    decided?;
     metrics::counter!("outbox_prepared_decisions_total",
         "decision" => decision.as_str(), "by" => "producer")
     .increment(1);

@@ -360,6 +360,9 @@ pub struct Backlog {
 /// Reads the backlog figures. Counting scheduled messages walks all of them (there may be
 /// millions of timeouts waiting), so it is only done when asked for.
 pub async fn backlog(pool: &PgPool, count_scheduled: bool) -> Result<Backlog, sqlx::Error> {
+    // A statement with arguments runs in a transaction: behind PgBouncer's transaction mode it
+    // would otherwise be parsed and executed on different server connections (outbox::pool).
+    let mut tx = pool.begin().await?;
     let (due, scheduled, oldest, dead): (i64, i64, Option<f64>, i64) = sqlx::query_as(
         "SELECT \
            (SELECT count(*) FROM outbox.messages WHERE available_at <= now()), \
@@ -370,8 +373,9 @@ pub async fn backlog(pool: &PgPool, count_scheduled: bool) -> Result<Backlog, sq
            (SELECT count(*) FROM outbox.dead_letters)",
     )
     .bind(count_scheduled)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(Backlog {
         due,
         scheduled,

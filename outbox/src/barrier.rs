@@ -179,12 +179,14 @@ pub async fn check(
 /// Deletes barrier records decided more than `older_than` ago. Keep them longer than the relay
 /// can still check a message (its whole check schedule) plus any time an operator might take.
 pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<u64, PreparedError> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "DELETE FROM outbox.prepared_barrier WHERE decided_at < now() - $1 * interval '1 millisecond'",
     )
     .bind(older_than.as_millis() as i64)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
 

@@ -290,9 +290,11 @@ impl IdGenerator {
         clock: Arc<dyn Clock>,
         config: IdGeneratorConfig,
     ) -> Result<Self, Error> {
+        let mut tx = pool.begin().await?;
         let database_id: i16 = sqlx::query_scalar("SELECT database_id FROM outbox.settings")
-            .fetch_one(&pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         let generator = IdGenerator {
             inner: Arc::new(Inner {
                 pool,
@@ -357,6 +359,7 @@ impl IdGenerator {
     /// Gives the node back so another process can take it at once.
     pub async fn release(&self) -> Result<(), Error> {
         if let Some(lease) = self.inner.lease.lock().await.take() {
+            let mut tx = self.inner.pool.begin().await?;
             sqlx::query(
                 "UPDATE outbox.id_nodes SET holder = NULL, lease_expires_at = '-infinity', \
                  high_water_ms = greatest(high_water_ms, $3) WHERE node = $1 AND holder = $2",
@@ -364,8 +367,9 @@ impl IdGenerator {
             .bind(i16::from(lease.node))
             .bind(&lease.holder)
             .bind(lease.state.last_ms() as i64)
-            .execute(&self.inner.pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
         }
         Ok(())
     }
@@ -383,6 +387,7 @@ impl Inner {
         let ttl_ms = self.config.lease_ttl.as_millis() as i64;
         // The node whose high water is oldest: a restarted process then rarely has to wait for
         // its clock to pass a reservation made by its previous life.
+        let mut tx = self.pool.begin().await?;
         let row: Option<(i16, i64)> = sqlx::query_as(
             "UPDATE outbox.id_nodes n SET holder = $1, \
                  lease_expires_at = now() + $2 * interval '1 millisecond' \
@@ -394,8 +399,9 @@ impl Inner {
         )
         .bind(&holder)
         .bind(ttl_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         let Some((node, high_water)) = row else {
             return Err(Error::NoFreeNode);
         };
@@ -422,6 +428,7 @@ impl Inner {
     /// Extends the lease and raises the reserved high water to `reserve_ms`.
     async fn renew(&self, lease: &mut Lease, reserve_ms: u64) -> Result<(), Error> {
         let started = Instant::now();
+        let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE outbox.id_nodes SET lease_expires_at = now() + $3 * interval '1 millisecond', \
                  high_water_ms = greatest(high_water_ms, $4) \
@@ -431,8 +438,9 @@ impl Inner {
         .bind(&lease.holder)
         .bind(self.config.lease_ttl.as_millis() as i64)
         .bind(reserve_ms as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         if updated.rows_affected() != 1 {
             return Err(Error::LeaseLost { node: lease.node });
         }

@@ -7,6 +7,7 @@
 //! - [`Outbox`] (this file): enqueue inside the caller's transaction; [`cancel`] by dedupe key.
 //! - [`prepared`] and [`barrier`]: two-phase messages decided later, with check-back.
 //! - [`error`]: the [`Error`] type.
+//! - [`pool`]: connecting through PgBouncer in transaction mode (`DATABASE_POOL_MODE`).
 //!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
@@ -25,6 +26,7 @@ pub mod barrier;
 pub mod error;
 pub mod id;
 pub mod message;
+pub mod pool;
 pub mod prepared;
 
 pub use error::Error;

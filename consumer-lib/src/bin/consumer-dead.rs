@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use consumer_lib::broker::{BrokerUrls, Connector, redact_url};
 use consumer_lib::dead_letter::{self, DeadLetter};
 use lapin::options::ConfirmSelectOptions;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 #[derive(Parser)]
 #[command(
@@ -73,9 +73,17 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let mut options: PgConnectOptions = cli.database_url.parse().context("DATABASE_URL")?;
+    // Behind PgBouncer's transaction pooling (the rules are in `outbox::pool`): no statement
+    // cache, and no startup parameter PgBouncer refuses.
+    match std::env::var("DATABASE_POOL_MODE").as_deref() {
+        Err(_) | Ok("session") => {}
+        Ok("transaction") => options = options.statement_cache_capacity(0).extra_float_digits(None),
+        Ok(other) => bail!("DATABASE_POOL_MODE: `{other}` is not `session` or `transaction`"),
+    }
     let pool = PgPoolOptions::new()
         .max_connections(2)
-        .connect(&cli.database_url)
+        .connect_with(options)
         .await
         .with_context(|| format!("connect to DATABASE_URL {}", redact_url(&cli.database_url)))?;
     match cli.command {

@@ -21,9 +21,11 @@ impl PgRecords {
 
     pub(super) async fn begin(&self, spec: &RecordSpec) -> Result<Begin, StoreError> {
         // A row can vanish between the failed claim and the read (cleanup, a release): then the
-        // claim is simply tried again.
+        // claim is simply tried again. Claim and read share one transaction: a statement with
+        // arguments outside one would break behind PgBouncer's transaction mode (outbox::pool).
         for _ in 0..5 {
             let token = Uuid::new_v4();
+            let mut tx = self.pool.begin().await?;
             let claimed = sqlx::query(
                 "INSERT INTO gateway.idempotency_records AS r
                      (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
@@ -48,9 +50,10 @@ impl PgRecords {
             .bind(spec.lease_ms as i64)
             .bind(spec.settle_ms as i64)
             .bind(spec.ttl_secs as i64)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
             if claimed.is_some() {
+                tx.commit().await?;
                 return Ok(Begin::Started { token });
             }
             let row = sqlx::query(
@@ -62,8 +65,9 @@ impl PgRecords {
             )
             .bind(&spec.caller)
             .bind(&spec.key)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
+            tx.commit().await?;
             let Some(row) = row else { continue };
             let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
             if fingerprint != spec.fingerprint {
@@ -103,6 +107,7 @@ impl PgRecords {
         token: Uuid,
         response: &StoredResponse,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE gateway.idempotency_records
              SET state = 'completed', status = $4, headers = $5, body = $6,
@@ -116,12 +121,14 @@ impl PgRecords {
         .bind(response.headers_json())
         .bind(&response.body)
         .bind(spec.ttl_secs as i64)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
     pub(super) async fn release(&self, spec: &RecordSpec, token: Uuid) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "DELETE FROM gateway.idempotency_records
              WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
@@ -129,8 +136,9 @@ impl PgRecords {
         .bind(&spec.caller)
         .bind(&spec.key)
         .bind(token)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -138,6 +146,7 @@ impl PgRecords {
         // Batches keep each delete short, so it never holds back vacuum or blocks claims for long.
         let mut total = 0;
         loop {
+            let mut tx = self.pool.begin().await?;
             let done = sqlx::query(
                 "DELETE FROM gateway.idempotency_records
                  WHERE (caller, key) IN (
@@ -145,8 +154,9 @@ impl PgRecords {
                      WHERE expires_at <= clock_timestamp() LIMIT 1000
                      FOR UPDATE SKIP LOCKED)",
             )
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             total += done.rows_affected();
             if done.rows_affected() < 1000 {
                 return Ok(total);

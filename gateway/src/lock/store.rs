@@ -119,11 +119,13 @@ impl LockStore {
     pub async fn enqueue(&self, name: &str, wait_ms: u64) -> Result<Ticket, StoreError> {
         match self {
             Self::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await?;
                 let id: i64 = sqlx::query_scalar("SELECT gateway.lock_enqueue($1, $2)")
                     .bind(name)
                     .bind(wait_ms as i64)
-                    .fetch_one(pool)
+                    .fetch_one(&mut *tx)
                     .await?;
+                tx.commit().await?;
                 Ok(Ticket::Postgres(id))
             }
             Self::Redis { conn, prefix, .. } => {
@@ -151,11 +153,14 @@ impl LockStore {
     ) -> Result<Option<i64>, StoreError> {
         match (self, ticket) {
             (Self::Postgres { pool, .. }, Ticket::Postgres(id)) => {
-                Ok(sqlx::query_scalar("SELECT gateway.lock_try($1, $2)")
+                let mut tx = pool.begin().await?;
+                let token = sqlx::query_scalar("SELECT gateway.lock_try($1, $2)")
                     .bind(id)
                     .bind(lease_ms as i64)
-                    .fetch_one(pool)
-                    .await?)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(token)
             }
             (Self::Redis { conn, prefix, .. }, Ticket::Redis(holder)) => {
                 let mut conn = conn.clone();
@@ -177,10 +182,12 @@ impl LockStore {
     pub async fn release(&self, name: &str, ticket: &Ticket) -> Result<(), StoreError> {
         match (self, ticket) {
             (Self::Postgres { pool, .. }, Ticket::Postgres(id)) => {
+                let mut tx = pool.begin().await?;
                 sqlx::query("DELETE FROM gateway.lock_entries WHERE id = $1")
                     .bind(id)
-                    .execute(pool)
+                    .execute(&mut *tx)
                     .await?;
+                tx.commit().await?;
             }
             (Self::Redis { conn, prefix, .. }, Ticket::Redis(holder)) => {
                 let mut conn = conn.clone();
@@ -206,12 +213,14 @@ impl LockStore {
     pub async fn cleanup(&self) -> Result<u64, StoreError> {
         match self {
             Self::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await?;
                 let done = sqlx::query(
                     "DELETE FROM gateway.lock_entries
                      WHERE expires_at < clock_timestamp() - interval '1 minute'",
                 )
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+                tx.commit().await?;
                 Ok(done.rows_affected())
             }
             Self::Redis { .. } => Ok(0),
