@@ -19,6 +19,7 @@ use lapin::{
 };
 
 use crate::claim::Claimed;
+use crate::trace;
 
 /// How long a passive check that an exchange exists is trusted.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
@@ -145,9 +146,15 @@ impl Publisher {
         }
         let channel = &self.channel;
         let mut sends = Vec::with_capacity(batch.len());
+        let mut spans = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             if outcomes[i].is_some() {
                 continue;
+            }
+            let mut props = properties(msg);
+            if let Some(span) = trace::publish_span(msg) {
+                props = trace::stamp(&span, props);
+                spans.push((i, span));
             }
             let mut send = Box::pin(maybe_done(channel.basic_publish(
                 msg.exchange.as_str().into(),
@@ -159,7 +166,7 @@ impl Publisher {
                     ..Default::default()
                 },
                 &msg.payload,
-                properties(msg),
+                props,
             )));
             // The first poll queues the frames; whether they are written yet does not matter.
             let _ = futures::poll!(send.as_mut());
@@ -178,6 +185,7 @@ impl Publisher {
         Sent {
             outcomes,
             pending,
+            spans,
             deadline: tokio::time::Instant::now() + self.confirm_timeout,
         }
     }
@@ -187,6 +195,8 @@ impl Publisher {
 pub struct Sent {
     outcomes: Vec<Option<Outcome>>,
     pending: Vec<(usize, PublisherConfirm)>,
+    /// The `outbox.publish` spans of traced messages, ended with their outcome.
+    spans: Vec<(usize, tracing::Span)>,
     deadline: tokio::time::Instant,
 }
 
@@ -197,6 +207,7 @@ impl Sent {
         let Sent {
             mut outcomes,
             pending,
+            spans,
             deadline,
         } = self;
         let confirms = join_all(pending.into_iter().map(|(i, confirm)| async move {
@@ -218,6 +229,11 @@ impl Sent {
         .await;
         for (i, outcome) in confirms {
             outcomes[i] = Some(outcome);
+        }
+        for (i, span) in spans {
+            if let Some(outcome) = &outcomes[i] {
+                trace::finish(span, outcome);
+            }
         }
         outcomes
             .into_iter()

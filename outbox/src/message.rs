@@ -95,6 +95,17 @@ impl Message {
         self
     }
 
+    /// The headers as stored: the caller's, plus the current span's W3C `traceparent` and
+    /// `tracestate` when the caller set none and the current span has a trace context (an
+    /// OpenTelemetry layer is installed). A `traceparent` the caller set wins: it is theirs.
+    pub(crate) fn stored_headers(&self) -> Value {
+        let mut headers = self.headers.clone();
+        if !headers.contains_key(telemetry::TRACEPARENT) {
+            telemetry::inject_json(&tracing::Span::current(), &mut headers);
+        }
+        Value::Object(headers)
+    }
+
     /// The payload bytes.
     pub fn payload(&self) -> &[u8] {
         &self.payload
