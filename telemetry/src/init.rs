@@ -8,10 +8,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// The standard variable naming the collector's base URL (`/v1/traces` is appended).
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -20,6 +20,11 @@ pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_
 /// The standard variable naming this service in the exported resource.
 pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
 
+/// The spans exported by default: the product's, at info and above; the libraries under it
+/// (sqlx, lapin, hyper, reqwest) only at warn, so a trace shows the message's path and not
+/// every poll of a connection.
+pub const EXPORT_FILTER: &str = "info,sqlx=warn,lapin=warn,amq_protocol=warn,hyper=warn,hyper_util=warn,h2=warn,reqwest=warn,tower=warn";
+
 /// What [`init`] sets up.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -27,8 +32,11 @@ pub struct Options {
     pub service_name: String,
     /// The full OTLP/HTTP traces URL (`http://host:4318/v1/traces`); `None`: no export.
     pub traces_endpoint: Option<String>,
-    /// The log filter when `RUST_LOG` is unset (also the filter of exported spans).
+    /// The log filter when `RUST_LOG` is unset.
     pub default_filter: String,
+    /// Which spans are exported, independent of `RUST_LOG` (quiet logs keep whole traces):
+    /// [`EXPORT_FILTER`] unless set otherwise.
+    pub export_filter: String,
     /// Log lines go to standard error instead of standard output.
     pub stderr: bool,
 }
@@ -67,6 +75,7 @@ impl Options {
             service_name: set(OTEL_SERVICE_NAME).unwrap_or_else(|| service.to_owned()),
             traces_endpoint,
             default_filter: default_filter.to_owned(),
+            export_filter: EXPORT_FILTER.to_owned(),
             stderr: false,
         }
     }
@@ -143,15 +152,18 @@ pub fn init(options: Options) -> Result<Guard, InitError> {
     } else {
         BoxMakeWriter::new(std::io::stdout)
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
-    let registry = tracing_subscriber::registry().with(filter(&options.default_filter)?);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_filter(filter(&options.default_filter)?);
     let Some(endpoint) = options.traces_endpoint else {
-        registry
+        tracing_subscriber::registry()
             .with(fmt)
             .try_init()
             .map_err(|_| InitError::AlreadyInstalled)?;
         return Ok(Guard { provider: None });
     };
+    let export_filter = EnvFilter::try_new(&options.export_filter)
+        .map_err(|e| InitError::Filter(format!("export filter: {e}")))?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpJson)
@@ -172,9 +184,13 @@ pub fn init(options: Options) -> Result<Guard, InitError> {
         )
         .build();
     let tracer = provider.tracer(options.service_name);
-    registry
+    tracing_subscriber::registry()
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(export_filter),
+        )
         .try_init()
         .map_err(|_| InitError::AlreadyInstalled)?;
     Ok(Guard {
