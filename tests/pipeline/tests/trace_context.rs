@@ -111,6 +111,7 @@ impl Drop for Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_trace_runs_from_producer_through_relay_to_consumer() {
+    let relay_binary = relay_binary();
     let receiver = Receiver::start().await;
     let mut options = telemetry::Options::from_lookup("trace-test", "warn", |_| None).stderr();
     options.traces_endpoint = Some(receiver.traces_url());
@@ -161,7 +162,7 @@ async fn one_trace_runs_from_producer_through_relay_to_consumer() {
     assert_eq!(stored["traceparent"], producer.0.as_str(), "{stored}");
 
     let _relay = Relay(
-        Command::new(relay_binary())
+        Command::new(&relay_binary)
             .arg("run")
             .env("DATABASE_URL", &db.url)
             .env("AMQP_URL", integration_tests::amqp_url())
