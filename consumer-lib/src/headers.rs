@@ -39,6 +39,13 @@ pub(crate) fn int_value(table: &FieldTable, name: &str) -> Option<i64> {
     }
 }
 
+/// Makes `span` (a message's processing span) the child of the span that published the
+/// message, named by its W3C `traceparent` header: the relay's `outbox.publish` span when the
+/// relay exports traces, else the producer's span whose context the relay passed on.
+pub(crate) fn continue_trace(span: &tracing::Span, table: &FieldTable) {
+    telemetry::set_parent(span, |name| str_value(table, name));
+}
+
 /// A copy of `table` without the broker's dead-lettering bookkeeping.
 pub(crate) fn without_death_headers(table: &FieldTable) -> FieldTable {
     let mut out = FieldTable::default();

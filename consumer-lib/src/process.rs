@@ -313,7 +313,14 @@ impl<H: Handler> WithInbox<H> {
             if !is_new {
                 continue;
             }
-            let span = tracing::info_span!("handler", message_id = message.id);
+            let span = tracing::info_span!(
+                "handler",
+                otel.name = "consumer.message",
+                otel.kind = "consumer",
+                message_id = message.id
+            );
+            // Each message of a batch continues its own trace; the batch span is only local.
+            crate::headers::continue_trace(&span, &message.envelope.headers);
             let handled = guarded(self.handler.handle(message, &mut tx), self.timeout)
                 .instrument(span)
                 .await;

@@ -105,10 +105,13 @@ async fn alone(
 ) {
     let span = tracing::info_span!(
         "message",
+        otel.name = "consumer.message",
+        otel.kind = "consumer",
         consumer = %shared.config.name,
         message_id = tracing::field::Empty,
         ordering_key = tracing::field::Empty,
     );
+    crate::headers::continue_trace(&span, &envelope.headers);
     if let Some(id) = envelope.message_id {
         span.record("message_id", id);
     }

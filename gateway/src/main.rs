@@ -40,12 +40,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    // Log lines as before; spans exported over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = telemetry::init(telemetry::Options::from_env("gateway", "info,sqlx=warn"))
+        .context("tracing set-up")?;
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Migrate { database_url } => migrate(cli.config, database_url).await,

@@ -17,6 +17,7 @@ use http_body_util::Full;
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
+use tracing::Instrument;
 
 use crate::{
     config::{RouteConfig, Upstream, parse_upstream},
@@ -158,11 +159,21 @@ impl Route {
         for (k, v) in self.set_headers.iter() {
             headers.insert(k.clone(), v.clone());
         }
+        // One span per upstream attempt (a retry is a sibling); the upstream gets its context
+        // as `traceparent`. Without span export the caller's `traceparent` passes unchanged.
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = "gateway.upstream",
+            otel.kind = "client",
+            upstream = %self.upstream.authority,
+            method = %parts.method,
+        );
+        telemetry::inject_http(&span, &mut headers);
         let mut out = http::Request::new(Full::new(body));
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = headers;
-        match self.pool.send(out).await {
+        match self.pool.send(out).instrument(span).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

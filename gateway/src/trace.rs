@@ -1,5 +1,6 @@
 //! The outermost layer of a route: a span per request (route, caller, method, path, request id)
-//! that every inner layer logs under, and the request counters and latency histogram.
+//! that every inner layer logs under, and the request counters and latency histogram. The span
+//! continues the caller's W3C trace context when the request carries a `traceparent`.
 
 use std::{
     convert::Infallible,
@@ -75,6 +76,8 @@ where
         // when the log level leaves it out.
         let span = tracing::info_span!(
             "request",
+            otel.name = "gateway.request",
+            otel.kind = "server",
             route = %self.route.route(),
             caller = %caller,
             method = %req.method(),
@@ -85,6 +88,9 @@ where
                 .and_then(|r| r.0.to_str().ok())
                 .unwrap_or_default(),
         );
+        // A caller's W3C `traceparent` makes this span (and the upstream call under it) part
+        // of the caller's trace.
+        telemetry::set_parent_from_http(&span, req.headers());
         let route = self.route.clone();
         let started = Instant::now();
         let fut = {

@@ -33,6 +33,21 @@ async fn prefix_is_replaced_by_the_upstream_base_path() {
 }
 
 #[tokio::test]
+async fn traceparent_is_forwarded_unchanged_when_spans_are_not_exported() {
+    let upstream = Upstream::start().await;
+    let (_db, gw) = gateway_for(&upstream).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = client()
+        .get(gw.url("/pay/x"))
+        .header("traceparent", tp)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(upstream.seen()[0].headers["traceparent"], tp);
+}
+
+#[tokio::test]
 async fn unknown_path_is_404_problem_and_upstream_untouched() {
     let upstream = Upstream::start().await;
     let (_db, gw) = gateway_for(&upstream).await;

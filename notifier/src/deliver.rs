@@ -126,10 +126,13 @@ pub async fn attempt(client: &WebhookClient, job: &Job, timeout: Duration) -> At
         .header(signer::HEADER_EVENT, &job.event_type)
         .header(signer::HEADER_ATTEMPT, (job.attempts + 1).to_string())
         .body(Full::new(Bytes::from(job.body.clone())));
-    let request = match request {
+    let mut request = match request {
         Ok(r) => r,
         Err(e) => return failed(format!("cannot build the request: {e}"), None),
     };
+    // The attempt's span context as W3C `traceparent`, when spans are exported: the partner
+    // can quote it, and a traced receiver joins the notifier's trace.
+    telemetry::inject_http(&tracing::Span::current(), request.headers_mut());
     let exchange = async {
         let resp = client.request(request).await.map_err(|e| {
             if e.is_connect() {

@@ -38,11 +38,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    // Log lines as before; spans exported over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = telemetry::init(telemetry::Options::from_env("notifier", "info"))
+        .context("tracing set-up")?;
     let cli = Cli::parse();
     let cfg = Config::load(cli.config.as_deref()).context("invalid configuration")?;
     let mode = PoolMode::from_env().context("invalid configuration")?;

@@ -154,7 +154,7 @@ pub fn next_wait(cfg: &WorkerConfig, job: &Job, retry_after: Option<Duration>) -
     })
 }
 
-#[tracing::instrument(skip_all, fields(notification_id = job.id, endpoint = %job.endpoint_id, attempt = job.attempts + 1))]
+#[tracing::instrument(skip_all, fields(otel.name = "notifier.deliver", otel.kind = "client", notification_id = job.id, endpoint = %job.endpoint_id, attempt = job.attempts + 1))]
 async fn handle(pool: &PgPool, client: &deliver::WebhookClient, cfg: &WorkerConfig, job: Job) {
     // Leave the record time inside the lease, so a slow answer cannot outlive the claim.
     let timeout = job

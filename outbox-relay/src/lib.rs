@@ -4,6 +4,7 @@
 //! - [`claim`]: the SQL side: claim due rows (`FOR UPDATE SKIP LOCKED`), then delete what was
 //!   confirmed and record or dead-letter what failed, in the same short transaction.
 //! - [`publish`]: the broker side: pipelined publishes with confirms, one outcome per message.
+//! - `trace`: the `outbox.publish` span of a traced message, and the `traceparent` it sends.
 //! - [`relay`]: workers looping claim → publish → settle, wake-up, reconnects, shutdown.
 //! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: `status` and the dead-letter commands.
@@ -23,5 +24,6 @@ pub mod prepared_api;
 pub mod publish;
 pub mod relay;
 pub mod saga_api;
+mod trace;
 
 pub use config::Config;

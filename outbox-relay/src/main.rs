@@ -123,13 +123,10 @@ enum PreparedCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Log lines as before; spans exported over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry =
+        telemetry::init(telemetry::Options::from_env("outbox-relay", "info,sqlx=warn").stderr())
+            .context("tracing set-up")?;
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
     let mode = PoolMode::from_env().context("invalid configuration")?;

@@ -16,6 +16,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind, PublisherConfirm};
 
 use crate::claim::Claimed;
+use crate::trace;
 
 /// How long a passive check that an exchange exists is trusted.
 const EXCHANGE_CHECK_TTL: Duration = Duration::from_secs(30);
@@ -141,9 +142,15 @@ impl Publisher {
         }
         let channel = &self.channel;
         let mut sends = Vec::with_capacity(batch.len());
+        let mut spans = Vec::new();
         for (i, msg) in batch.iter().enumerate() {
             if outcomes[i].is_some() {
                 continue;
+            }
+            let mut props = properties(msg);
+            if let Some(span) = trace::publish_span(msg) {
+                props = trace::stamp(&span, props);
+                spans.push((i, span));
             }
             let mut send = Box::pin(maybe_done(channel.basic_publish(
                 msg.exchange.as_str().into(),
@@ -155,7 +162,7 @@ impl Publisher {
                     ..Default::default()
                 },
                 &msg.payload,
-                properties(msg),
+                props,
             )));
             // The first poll queues the frames; whether they are written yet does not matter.
             let _ = futures::poll!(send.as_mut());
@@ -174,6 +181,7 @@ impl Publisher {
         Sent {
             outcomes,
             pending,
+            spans,
             deadline: tokio::time::Instant::now() + self.confirm_timeout,
         }
     }
@@ -183,6 +191,8 @@ impl Publisher {
 pub struct Sent {
     outcomes: Vec<Option<Outcome>>,
     pending: Vec<(usize, PublisherConfirm)>,
+    /// The `outbox.publish` spans of traced messages, ended with their outcome.
+    spans: Vec<(usize, tracing::Span)>,
     deadline: tokio::time::Instant,
 }
 
@@ -193,6 +203,7 @@ impl Sent {
         let Sent {
             mut outcomes,
             pending,
+            spans,
             deadline,
         } = self;
         let confirms = join_all(pending.into_iter().map(|(i, confirm)| async move {
@@ -214,6 +225,11 @@ impl Sent {
         .await;
         for (i, outcome) in confirms {
             outcomes[i] = Some(outcome);
+        }
+        for (i, span) in spans {
+            if let Some(outcome) = &outcomes[i] {
+                trace::finish(span, outcome);
+            }
         }
         outcomes
             .into_iter()

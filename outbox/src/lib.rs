@@ -73,7 +73,7 @@ impl Outbox {
         msg: &Message,
     ) -> Result<MessageId, Error> {
         let id = self.ids.next_id().await?;
-        let headers = serde_json::Value::Object(msg.headers.clone());
+        let headers = msg.stored_headers();
         let stored: i64 = sqlx::query_scalar(
             "SELECT outbox.insert_message($1, $2, $3, $4, $5, $6, $7, \
                  coalesce($8, now() + $9 * interval '1 millisecond'), $10)",

@@ -95,8 +95,39 @@ impl Message {
         self
     }
 
+    /// The headers as stored: the caller's, plus the current span's W3C `traceparent` and
+    /// `tracestate` when the caller set none and the current span has a trace context (an
+    /// OpenTelemetry layer is installed). A `traceparent` the caller set wins: it is theirs.
+    pub(crate) fn stored_headers(&self) -> Value {
+        let mut headers = self.headers.clone();
+        if !headers.contains_key(telemetry::TRACEPARENT) {
+            telemetry::inject_json(&tracing::Span::current(), &mut headers);
+        }
+        Value::Object(headers)
+    }
+
     /// The payload bytes.
     pub fn payload(&self) -> &[u8] {
         &self.payload
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_trace_context_the_headers_are_stored_as_given() {
+        let span = tracing::info_span!("no opentelemetry layer");
+        let _entered = span.enter();
+        let msg = Message::new("x", "y", b"p".to_vec()).with_header("a", 1);
+        assert_eq!(msg.stored_headers(), serde_json::json!({"a": 1}));
+    }
+
+    #[test]
+    fn a_traceparent_set_by_the_caller_is_kept() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let msg = Message::new("x", "y", b"p".to_vec()).with_header("traceparent", tp);
+        assert_eq!(msg.stored_headers()["traceparent"], tp);
     }
 }

@@ -246,7 +246,7 @@ pub async fn prepare<'e, E: PgExecutor<'e>>(
                 .to_owned(),
         ));
     }
-    let headers = serde_json::Value::Object(msg.headers.clone());
+    let headers = msg.stored_headers();
     let id: i64 = sqlx::query_scalar(
         "SELECT outbox.prepare(exchange => $1, routing_key => $2, payload => $3, headers => $4, \
              ordering_key => $5, \
@@ -413,7 +413,7 @@ impl Client {
             "exchange": msg.exchange,
             "routing_key": msg.routing_key,
             "payload_base64": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-            "headers": msg.headers,
+            "headers": msg.stored_headers(),
         });
         let obj = body.as_object_mut().expect("a JSON object literal");
         if let Some(k) = &msg.ordering_key {

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests in `tests/tests/`: a fresh, migrated database per
 //! test and random broker names, so tests never see each other's rows or queues.
 
+pub mod otlp;
 pub mod proxy;
 
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};

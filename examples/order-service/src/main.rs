@@ -172,12 +172,12 @@ async fn serve(listen: SocketAddr, app: Router, shutdown: CancellationToken) -> 
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    // Spans exported over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (README: Tracing).
+    let _telemetry = telemetry::init(telemetry::Options::from_env(
+        "order-service",
+        "info,sqlx=warn",
+    ))
+    .context("tracing set-up")?;
     let cli = Cli::parse();
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone());
