@@ -6,6 +6,7 @@ use std::time::Duration;
 use lapin::ExchangeKind;
 use sqlx::PgPool;
 
+use crate::broker::{BrokerUrls, UrlError};
 use crate::consumer::Consumer;
 use crate::handler::{Handler, PlainHandler};
 use crate::metrics::Metrics;
@@ -16,7 +17,7 @@ use crate::{Error, RetryPolicy};
 #[derive(Clone)]
 pub(crate) struct Config {
     pub name: String,
-    pub amqp_url: String,
+    pub amqp_urls: BrokerUrls,
     pub queue: String,
     pub exchanges: Vec<(String, ExchangeKind)>,
     pub bindings: Vec<(String, String)>,
@@ -49,7 +50,7 @@ struct ProcessContext {
 /// Builds a [`Consumer`]. Start with [`Consumer::builder`].
 pub struct ConsumerBuilder {
     name: String,
-    amqp_url: Option<String>,
+    amqp_urls: Option<AmqpUrls>,
     pool: Option<PgPool>,
     queue: Option<String>,
     exchanges: Vec<(String, ExchangeKind)>,
@@ -76,7 +77,7 @@ impl ConsumerBuilder {
     pub(crate) fn new(name: String) -> Self {
         ConsumerBuilder {
             name,
-            amqp_url: None,
+            amqp_urls: None,
             pool: None,
             queue: None,
             exchanges: Vec::new(),
@@ -100,9 +101,27 @@ impl ConsumerBuilder {
         }
     }
 
-    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f` (required).
+    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f` (this or
+    /// [`amqp_urls`](Self::amqp_urls) is required). A comma-separated list names the nodes of
+    /// a cluster, as [`amqp_urls`](Self::amqp_urls) does, so an `AMQP_URL` variable holding
+    /// `amqp://…@node1:5672/%2f,amqp://…@node2:5672/%2f` can be passed straight through.
     pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
-        self.amqp_url = Some(url.into());
+        self.amqp_urls = Some(AmqpUrls::List(url.into()));
+        self
+    }
+
+    /// The nodes of a RabbitMQ cluster, each one URL (not split on commas), e.g.
+    /// `amqp_urls(["amqp://u:p@node1:5672/%2f", "amqp://u:p@node2:5672/%2f"])`. The consumer
+    /// connects to the first that answers and, when the connection is lost, to the next (round
+    /// robin, backing off once every node has failed). Unacked deliveries of the lost
+    /// connection are redelivered by the broker and skipped by the inbox if they had committed.
+    pub fn amqp_urls<I>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let urls = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        self.amqp_urls = Some(AmqpUrls::Each(urls));
         self
     }
 
@@ -276,12 +295,13 @@ impl ConsumerBuilder {
         check_name("name", &self.name)?;
         let queue = self.queue.unwrap_or_else(|| self.name.clone());
         check_name("queue", &queue)?;
-        let amqp_url = self
-            .amqp_url
-            .ok_or_else(|| Error::config("amqp_url", "is required"))?;
-        amqp_url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| Error::config("amqp_url", format!("not an AMQP URI: {e}")))?;
+        let amqp_urls = match self.amqp_urls {
+            None => return Err(Error::config("amqp_url", "is required")),
+            Some(AmqpUrls::List(list)) => {
+                BrokerUrls::parse(&list).map_err(url_error("amqp_url"))?
+            }
+            Some(AmqpUrls::Each(urls)) => BrokerUrls::new(urls).map_err(url_error("amqp_urls"))?,
+        };
         let pool = self
             .pool
             .ok_or_else(|| Error::config("database", "is required (inbox and compensation log)"))?;
@@ -369,7 +389,7 @@ impl ConsumerBuilder {
         });
         let config = Config {
             name: self.name,
-            amqp_url,
+            amqp_urls,
             queue,
             exchanges: self.exchanges,
             bindings: self.bindings,
@@ -390,6 +410,16 @@ impl ConsumerBuilder {
         };
         Ok(Consumer::new(config, pool, process, metrics))
     }
+}
+
+/// How the broker addresses were given: one string (split on commas) or one URL per item.
+enum AmqpUrls {
+    List(String),
+    Each(Vec<String>),
+}
+
+fn url_error(field: &'static str) -> impl FnOnce(UrlError) -> Error {
+    move |e| Error::config(field, e.to_string())
 }
 
 /// Names end up in queue names and in topic routing keys of the delay cascade: no wildcard

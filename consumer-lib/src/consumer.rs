@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::Connector;
 use crate::builder::{Config, ConsumerBuilder};
 use crate::delay::DelayCascade;
 use crate::metrics::Metrics;
@@ -107,8 +108,12 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 async fn reconnect_loop(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<(), Error> {
     let mut delays = reconnect_backoff();
     let mut first = true;
+    let mut connector = Connector::new(
+        shared.config.amqp_urls.clone(),
+        format!("consumer-lib {}", shared.config.name),
+    );
     while !shutdown.is_cancelled() {
-        match session::run(shared, shutdown, first).await? {
+        match session::run(shared, shutdown, first, &mut connector).await? {
             End::Shutdown => break,
             End::Lost { error, started } => {
                 if started {

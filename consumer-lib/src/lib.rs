@@ -14,9 +14,12 @@
 //! - `ordered`: per-key lanes for ordered mode; [`delay`]: the durable delay cascade;
 //! - [`retry`](RetryPolicy): the backoff schedule; [`inbox`]: inbox rows and their purge;
 //!   [`dead_letter`]: the compensation log, listed and replayed by the `consumer-dead` CLI;
+//! - [`broker`]: the list of broker addresses and connecting to the first node that answers
+//!   (shared with the relay and `consumer-dead`);
 //! - [`handler`](Handler), [`message`](Message), [`error`](Error), [`headers`], [`metrics`].
 #![warn(missing_docs)]
 
+pub mod broker;
 mod builder;
 mod consumer;
 pub mod dead_letter;

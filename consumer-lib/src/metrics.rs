@@ -17,6 +17,8 @@ pub const DEAD_LETTERED_TOTAL: &str = "consumer_messages_dead_lettered_total";
 pub const HANDLER_SECONDS: &str = "consumer_handler_duration_seconds";
 /// Broker sessions rebuilt after the connection or consumer was lost.
 pub const RECONNECTS_TOTAL: &str = "consumer_reconnects_total";
+/// Broker sessions that reconnected to another node of the `amqp_url` list than the last one.
+pub const BROKER_FAILOVERS_TOTAL: &str = "consumer_broker_failovers_total";
 /// Inbox rows deleted by the purge.
 pub const INBOX_PURGED_TOTAL: &str = "consumer_inbox_purged_total";
 
@@ -52,6 +54,10 @@ impl Metrics {
     pub(crate) fn handler_time(&self, elapsed: Duration) {
         metrics::histogram!(HANDLER_SECONDS, "consumer" => self.consumer.clone())
             .record(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn failed_over(&self) {
+        metrics::counter!(BROKER_FAILOVERS_TOTAL, "consumer" => self.consumer.clone()).increment(1);
     }
 
     pub(crate) fn reconnected(&self) {

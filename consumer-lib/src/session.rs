@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Connector;
 use crate::ordered::Lanes;
 use crate::settle::{self, Session, Shared};
 use crate::{Error, topology};
@@ -31,8 +32,6 @@ pub(crate) enum End {
 /// How often the session checks its connection and channel, on top of lapin's own error
 /// reporting: a consumer can go silent when the broker dies (lapin #389).
 const WATCHDOG: Duration = Duration::from_millis(500);
-/// Connecting to a broker that accepts TCP but never answers must not hang forever.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Declaring and starting to consume takes milliseconds; a broker that does not answer is
 /// treated as lost.
@@ -42,24 +41,20 @@ pub(crate) async fn run(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
     first: bool,
+    connector: &mut Connector,
 ) -> Result<End, Error> {
-    let config = &shared.config;
-    let connect = Connection::connect(
-        &config.amqp_url,
-        // lapin's auto-recovery stays off (its default): it is reported to hang after a broker
-        // restart (lapin #450); this loop rebuilds the whole session instead.
-        ConnectionProperties::default()
-            .with_connection_name(format!("consumer-lib {}", config.name).into()),
-    );
-    let connection = tokio::select! {
+    let connected = tokio::select! {
         _ = shutdown.cancelled() => return Ok(End::Shutdown),
-        connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match connected {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(err)) => return Ok(lost(format!("connect: {err}"), false)),
-            Err(_) => return Ok(lost("connect: timed out".to_owned(), false)),
+        connected = connector.connect() => match connected {
+            Ok(connected) => connected,
+            Err(err) => return Ok(lost(format!("connect: {err}"), false)),
         },
     };
-    let result = consume(shared, &connection, shutdown, first).await;
+    if connected.failover {
+        shared.metrics.failed_over();
+    }
+    let connection = connected.connection;
+    let result = consume(shared, &connection, &connected.url, shutdown, first).await;
     // Closing returns every unacked delivery to the queue at once, instead of after the
     // broker notices a dead socket. Bounded: a broker gone silent never answers.
     let _ = tokio::time::timeout(
@@ -119,6 +114,7 @@ fn lost(error: String, started: bool) -> End {
 async fn consume(
     shared: &Arc<Shared>,
     connection: &Connection,
+    broker: &str,
     shutdown: &CancellationToken,
     first: bool,
 ) -> Result<End, Error> {
@@ -178,7 +174,7 @@ async fn consume(
         }
         Err(err) => return Ok(lost(err.to_string(), false)),
     };
-    tracing::info!(consumer = %config.name, queue = %config.queue, "consuming");
+    tracing::info!(consumer = %config.name, queue = %config.queue, broker, "consuming");
 
     let session = Arc::new(Session {
         publish,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use consumer_lib::broker::BrokerUrls;
 use serde::Deserialize;
 
 /// Everything the relay needs to run.
@@ -13,7 +14,8 @@ use serde::Deserialize;
 pub struct Config {
     /// PostgreSQL URL of the database whose outbox is relayed (`DATABASE_URL`).
     pub database_url: String,
-    /// RabbitMQ URL (`AMQP_URL`).
+    /// RabbitMQ URL (`AMQP_URL`), or the nodes of a cluster as a comma-separated list: each
+    /// worker connects to the first that answers and, on loss, to the next.
     pub amqp_url: String,
     /// Where `/healthz`, `/readyz`, `/metrics` and the admin API listen (`RELAY_HTTP_ADDR`).
     pub http_addr: SocketAddr,
@@ -163,9 +165,7 @@ impl Config {
         {
             return invalid("database_url", "must start with postgres://");
         }
-        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
-            return invalid("amqp_url", "must start with amqp:// or amqps://");
-        }
+        self.amqp_urls()?;
         if matches!(&self.admin_token, Some(t) if t.len() < 16) {
             return invalid("admin_token", "must be at least 16 characters");
         }
@@ -203,13 +203,22 @@ impl Config {
         Ok(())
     }
 
+    /// The broker addresses, validated (`amqp_url` split on commas).
+    pub fn amqp_urls(&self) -> Result<BrokerUrls, ConfigError> {
+        BrokerUrls::parse(&self.amqp_url).map_err(|e| ConfigError::Invalid {
+            key: "amqp_url",
+            reason: e.to_string(),
+        })
+    }
+
     /// The configuration with secrets masked, for logs.
     pub fn redacted(&self) -> String {
         format!(
             "database_url={} amqp_url={} http_addr={} admin_token={} workers={} batch_size={} \
              max_attempts={} poll={}..{}ms listen={}",
             redact_url(&self.database_url),
-            redact_url(&self.amqp_url),
+            self.amqp_urls()
+                .map_or_else(|_| "invalid".to_owned(), |u| u.redacted()),
             self.http_addr,
             if self.admin_token.is_some() {
                 "set"
@@ -226,19 +235,7 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub use consumer_lib::broker::redact_url;
 
 mod millis {
     use std::time::Duration;
@@ -294,6 +291,31 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_broker_urls_is_accepted_and_a_bad_entry_named() {
+        let config = Config::load_from(None, |k| {
+            (k == "AMQP_URL").then(|| "amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5672/%2f".into())
+        })
+        .unwrap();
+        assert_eq!(config.amqp_urls().unwrap().len(), 2);
+        let err = Config::load_from(None, |k| {
+            (k == "AMQP_URL").then(|| "amqp://u:hunter2@h1:5672/%2f,foo".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            r#"config key `amqp_url`: entry 2 ("foo") must start with amqp:// or amqps://"#
+        );
+        let config = Config::parse("amqp_url = \"amqp://u:hunter2@h1/%2f,\"").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("amqp_url") && err.contains("entry 2 is empty"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:hunter2@h:5672/%2f"),
@@ -301,8 +323,13 @@ mod tests {
         );
         let config = Config {
             admin_token: Some("0123456789abcdef-secret".into()),
+            amqp_url: "amqp://u:secret1@h1/%2f,amqp://u:secret2@h2/%2f".into(),
             ..Config::default()
         };
-        assert!(!config.redacted().contains("secret"));
+        assert!(
+            !config.redacted().contains("secret"),
+            "{}",
+            config.redacted()
+        );
     }
 }

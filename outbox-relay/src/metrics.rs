@@ -35,6 +35,11 @@ fn describe() {
         Unit::Count,
         "Messages whose connection broke before their confirm; published again later."
     );
+    describe_counter!(
+        "outbox_relay_broker_failovers_total",
+        Unit::Count,
+        "Worker reconnects that went to another node of the amqp_url list than the last one."
+    );
     describe_gauge!(
         "outbox_backlog_messages",
         Unit::Count,

@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use futures::future::{join_all, maybe_done};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind, PublisherConfirm};
 
 use crate::claim::Claimed;
 
@@ -44,13 +41,12 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects and puts a channel in confirm mode.
-    pub async fn connect(amqp_url: &str, confirm_timeout: Duration) -> Result<Self, lapin::Error> {
-        let connection = Connection::connect(
-            amqp_url,
-            ConnectionProperties::default().with_connection_name("outbox-relay".into()),
-        )
-        .await?;
+    /// Takes a connection (made by a [`consumer_lib::broker::Connector`], which picks the node)
+    /// and puts a channel on it in confirm mode.
+    pub async fn open(
+        connection: Connection,
+        confirm_timeout: Duration,
+    ) -> Result<Self, lapin::Error> {
         let channel = connection.create_channel().await?;
         // Confirms are the relay's whole guarantee: a row is deleted only after its ack.
         channel

@@ -7,7 +7,11 @@
 //! want less latency can `SET outbox.notify = 'on'`; the relay LISTENs and wakes every worker.
 //!
 //! Each worker owns its broker connection and reconnects with backoff (lapin's own recovery is
-//! reported to hang; FIELD-NOTES). Database errors back off the same way. On shutdown a worker
+//! reported to hang; FIELD-NOTES). With several broker addresses (`amqp_url` as a comma list) a
+//! worker that loses its node reconnects to the next one in the list; the backoff starts only
+//! once every node has failed. The no-loss rule is untouched by a failover: a row is deleted
+//! only after its confirm arrived on the connection it was published on, and confirms lost with
+//! a connection leave their rows to be published again, on the new node. Database errors back off the same way. On shutdown a worker
 //! finishes the batch in flight (publish, confirms, commit) and stops.
 
 use std::sync::Arc;
@@ -21,6 +25,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use consumer_lib::broker::Connector;
 
 use crate::claim::{self, Claimed, Failure, RetryPolicy};
 use crate::config::Config;
@@ -91,6 +97,9 @@ async fn run_worker(
         max: config.retry_max_ms,
     };
     let mut publisher: Option<Publisher> = None;
+    // Validated at start (Config::validate), so this cannot fail here.
+    let urls = config.amqp_urls().expect("amqp_url validated at start");
+    let mut connector = Connector::new(urls, format!("outbox-relay worker {worker}"));
     let mut broker_backoff = reconnect_backoff();
     let mut db_backoff = reconnect_backoff();
     let mut idle = config.poll_min_ms;
@@ -102,9 +111,23 @@ async fn run_worker(
             health.brokers_connected.fetch_sub(1, Ordering::Relaxed);
         }
         let Some(p) = publisher.as_mut() else {
-            match Publisher::connect(&config.amqp_url, config.confirm_timeout_ms).await {
-                Ok(p) => {
-                    info!(worker, "connected to broker");
+            // Every node is tried once per round; the backoff only applies when all failed.
+            let opened = match connector.connect().await {
+                Ok(connected) => {
+                    if connected.failover {
+                        counter!("outbox_relay_broker_failovers_total").increment(1);
+                    }
+                    let broker = connected.url;
+                    Publisher::open(connected.connection, config.confirm_timeout_ms)
+                        .await
+                        .map(|p| (p, broker))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match opened {
+                Ok((p, broker)) => {
+                    info!(worker, broker = %broker, "publishing");
                     publisher = Some(p);
                     health.brokers_connected.fetch_add(1, Ordering::Relaxed);
                     broker_backoff = reconnect_backoff();

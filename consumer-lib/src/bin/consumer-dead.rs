@@ -2,9 +2,9 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use consumer_lib::broker::{BrokerUrls, Connector, redact_url};
 use consumer_lib::dead_letter::{self, DeadLetter};
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Connection, ConnectionProperties};
 use sqlx::postgres::PgPoolOptions;
 
 #[derive(Parser)]
@@ -53,7 +53,8 @@ enum Command {
         /// Replay every waiting dead letter of this consumer instead.
         #[arg(long, conflicts_with = "ids")]
         consumer: Option<String>,
-        /// The broker to publish to.
+        /// The broker to publish to: one AMQP URL, or the nodes of a cluster separated by
+        /// commas (the first that answers is used).
         #[arg(
             long,
             env = "AMQP_URL",
@@ -76,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(2)
         .connect(&cli.database_url)
         .await
-        .with_context(|| format!("connect to DATABASE_URL {}", redact(&cli.database_url)))?;
+        .with_context(|| format!("connect to DATABASE_URL {}", redact_url(&cli.database_url)))?;
     match cli.command {
         Command::List {
             consumer,
@@ -141,9 +142,12 @@ async fn main() -> anyhow::Result<()> {
                 None if ids.is_empty() => bail!("give the ids to replay, or --consumer NAME"),
                 None => ids,
             };
-            let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+            let urls = BrokerUrls::parse(&amqp_url).context("AMQP_URL / --amqp-url")?;
+            let connection = Connector::new(urls, "consumer-dead")
+                .connect()
                 .await
-                .context("connect to AMQP_URL")?;
+                .context("connect to AMQP_URL")?
+                .connection;
             let channel = connection.create_channel().await.context("open channel")?;
             // Confirms: a row is marked replayed only after the broker has the message.
             channel
@@ -200,13 +204,4 @@ fn to_json(row: &DeadLetter, with_payload: bool) -> serde_json::Value {
         };
     }
     value
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
