@@ -6,7 +6,10 @@
 //! With `BATCH_SIZE` set it runs unordered instead, every instance consuming at once, with that
 //! many waiting messages per transaction at most: the batched path under the same faults.
 //!
-//! Env: DATABASE_URL, AMQP_URL, QUEUE, BATCH_SIZE (optional). SIGTERM stops it gracefully.
+//! With `QUORUM` set it declares its queues as quorum queues: the cluster fault suite.
+//!
+//! Env: DATABASE_URL, AMQP_URL, QUEUE, BATCH_SIZE (optional), QUORUM (optional). SIGTERM stops
+//! it gracefully.
 
 use std::time::Duration;
 
@@ -64,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         .amqp_url(&amqp_url)
         .database(pool.clone())
         .queue(&queue)
+        .quorum(std::env::var_os("QUORUM").is_some())
         .ordered(batch.is_none())
         .single_active_consumer(batch.is_none())
         .batch_size(batch.unwrap_or(1))
