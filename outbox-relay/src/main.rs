@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Saga { command } => {
-            let pool = connect(&config, 2).await?;
+            let pool = connect(&config, mode, 2).await?;
             match command {
                 SagaCommand::List { state, limit } => {
                     let rows: Vec<SagaRow> =
@@ -339,11 +339,11 @@ async fn run(mut config: Config, mode: PoolMode) -> anyhow::Result<()> {
     let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone()).merge(
         outbox_relay::saga_api::router(pool.clone(), config.admin_token.clone()).merge(
             outbox_relay::dashboard::router(outbox_relay::dashboard::Settings {
-            pool: pool.clone(),
-            admin_token: config.admin_token.clone(),
-            amqp_url: config.amqp_url.clone(),
-            metrics: Some(metrics.clone()),
-            public_read: config.dashboard_public_read,
+                pool: pool.clone(),
+                admin_token: config.admin_token.clone(),
+                amqp_url: config.amqp_url.clone(),
+                metrics: Some(metrics.clone()),
+                public_read: config.dashboard_public_read,
             }),
         ),
     );
