@@ -132,7 +132,24 @@ pub async fn attempt(client: &WebhookClient, job: &Job, timeout: Duration) -> At
     };
     // The attempt's span context as W3C `traceparent`, when spans are exported: the partner
     // can quote it, and a traced receiver joins the notifier's trace.
-    telemetry::inject_http(&tracing::Span::current(), request.headers_mut());
+    // Its parent is the trace stored with the notification, so the trace id is the one of the
+    // transaction that created it. When spans are not exported there is no delivery span
+    // context: the stored trace is still continued, under a fresh parent id per attempt.
+    if !telemetry::inject_http(&tracing::Span::current(), request.headers_mut())
+        && let Some(parent) = job.traceparent.as_deref().and_then(child_traceparent)
+    {
+        let headers = request.headers_mut();
+        if let Ok(v) = http::HeaderValue::from_str(&parent) {
+            headers.insert(telemetry::TRACEPARENT, v);
+        }
+        if let Some(v) = job
+            .tracestate
+            .as_deref()
+            .and_then(|s| http::HeaderValue::from_str(s).ok())
+        {
+            headers.insert(telemetry::TRACESTATE, v);
+        }
+    }
     let exchange = async {
         let resp = client.request(request).await.map_err(|e| {
             if e.is_connect() {
@@ -205,4 +222,37 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// `traceparent` with the same trace id and flags and a new random parent id, or `None` when
+/// `traceparent` is not a valid one.
+fn child_traceparent(traceparent: &str) -> Option<String> {
+    if !crate::valid_traceparent(traceparent) {
+        return None;
+    }
+    let trace_id = &traceparent[3..35];
+    let flags = &traceparent[53..55];
+    let span_id = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_traceparent;
+
+    #[test]
+    fn a_child_traceparent_keeps_the_trace_and_flags_with_a_new_parent() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = child_traceparent(parent).unwrap();
+        assert!(crate::valid_traceparent(&child), "{child}");
+        assert_eq!(&child[..36], &parent[..36]);
+        assert_ne!(&child[36..52], &parent[36..52]);
+        assert_eq!(&child[52..], "-01");
+        assert_eq!(child_traceparent("00-zz-00f067aa0ba902b7-01"), None);
+    }
 }

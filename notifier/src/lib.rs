@@ -32,7 +32,7 @@ pub use config::{Config, ConfigError};
 pub use endpoint::EndpointSpec;
 pub use error::Error;
 pub use schedule::Schedule;
-pub use send::{NewNotification, send};
+pub use send::{NewNotification, send, valid_traceparent};
 pub use worker::{Worker, WorkerConfig};
 
 /// The migrations that create the notifier's tables (all of the product's, in one set).

@@ -24,6 +24,11 @@ pub struct NewNotification {
     pub deliver_at: Option<DateTime<Utc>>,
     /// Not before this long after the database's `now()` (ignored when `deliver_at` is set).
     pub delay: Option<Duration>,
+    /// The W3C `traceparent` the webhook's trace continues; `None` takes the current span's
+    /// context (when spans are exported), else the notification has none.
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with `traceparent`.
+    pub tracestate: Option<String>,
 }
 
 impl NewNotification {
@@ -42,6 +47,8 @@ impl NewNotification {
             dedupe_key: None,
             deliver_at: None,
             delay: None,
+            traceparent: None,
+            tracestate: None,
         })
     }
 
@@ -60,12 +67,25 @@ impl NewNotification {
             dedupe_key: None,
             deliver_at: None,
             delay: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 
     /// Sets the dedupe key.
     pub fn with_dedupe_key(mut self, key: impl Into<String>) -> Self {
         self.dedupe_key = Some(key.into());
+        self
+    }
+
+    /// Continues the trace of `traceparent` (and `tracestate`) instead of the current span's.
+    pub fn with_trace_context(
+        mut self,
+        traceparent: impl Into<String>,
+        tracestate: Option<String>,
+    ) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self.tracestate = tracestate;
         self
     }
 
@@ -89,9 +109,16 @@ impl NewNotification {
 /// A bad field is [`Error::Invalid`] naming it, and nothing is written.
 pub async fn send(conn: &mut PgConnection, n: &NewNotification) -> Result<i64, Error> {
     n.validate()?;
+    let (traceparent, tracestate) = match &n.traceparent {
+        Some(p) => (Some(p.clone()), n.tracestate.clone()),
+        None => match telemetry::context_of(&tracing::Span::current()) {
+            Some((p, s)) => (Some(p), s),
+            None => (None, None),
+        },
+    };
     let res = sqlx::query_scalar(
         "SELECT notify.insert_notification($1, $2, $3, $4, $5, \
-         coalesce($6, now() + $7 * interval '1 millisecond'))",
+         coalesce($6, now() + $7 * interval '1 millisecond'), $8, $9)",
     )
     .bind(&n.endpoint)
     .bind(&n.event_type)
@@ -100,6 +127,8 @@ pub async fn send(conn: &mut PgConnection, n: &NewNotification) -> Result<i64, E
     .bind(&n.dedupe_key)
     .bind(n.deliver_at)
     .bind(n.delay.map(|d| d.as_secs_f64() * 1000.0))
+    .bind(traceparent)
+    .bind(tracestate)
     .fetch_one(conn)
     .await;
     match res {
@@ -161,6 +190,40 @@ impl NewNotification {
         {
             return Err(Error::invalid("dedupe_key", "must be 1 to 255 bytes"));
         }
+        if let Some(p) = &self.traceparent
+            && !valid_traceparent(p)
+        {
+            return Err(Error::invalid(
+                "traceparent",
+                "must be a W3C traceparent 00-<32 hex>-<16 hex>-<2 hex> (lower case, ids not all zeros)",
+            ));
+        }
+        if let Some(s) = &self.tracestate {
+            if self.traceparent.is_none() {
+                return Err(Error::invalid("tracestate", "needs a traceparent"));
+            }
+            if s.len() > 512 || s.contains(['\r', '\n']) {
+                return Err(Error::invalid(
+                    "tracestate",
+                    "must be at most 512 bytes on one line",
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// Whether `t` is a version-00 W3C `traceparent` (the check `notify.valid_traceparent` makes).
+pub fn valid_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
 }

@@ -39,6 +39,10 @@ pub struct Job {
     pub attempts: i32,
     /// Failed attempts in the current round (position in the schedule).
     pub step: i32,
+    /// The W3C trace context stored with the notification, if any.
+    pub traceparent: Option<String>,
+    /// Its `tracestate`.
+    pub tracestate: Option<String>,
 }
 
 /// Claims up to `batch` due notifications for `lease`.
@@ -62,7 +66,7 @@ pub async fn claim(pool: &PgPool, batch: usize, lease: Duration) -> Result<Vec<J
         "SELECT n.id, c.token, n.endpoint_id, e.url, e.secret, \
                 CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret, \
                 e.required_body, e.schedule_ms, e.timeout_ms, n.event_type, n.body, n.content_type, \
-                n.attempts, n.step \
+                n.attempts, n.step, n.traceparent, n.tracestate \
          FROM unnest($1::bigint[], $2::bigint[]) AS c(id, token) \
          JOIN notify.notifications n ON n.id = c.id \
          JOIN notify.endpoints e ON e.id = n.endpoint_id \
@@ -93,6 +97,8 @@ pub async fn claim(pool: &PgPool, batch: usize, lease: Duration) -> Result<Vec<J
                 content_type: r.try_get("content_type")?,
                 attempts: r.try_get("attempts")?,
                 step: r.try_get("step")?,
+                traceparent: r.try_get("traceparent")?,
+                tracestate: r.try_get("tracestate")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::deliver::{self, TlsRoots};
 use crate::metrics as m;
@@ -154,8 +154,34 @@ pub fn next_wait(cfg: &WorkerConfig, job: &Job, retry_after: Option<Duration>) -
     })
 }
 
-#[tracing::instrument(skip_all, fields(otel.name = "notifier.deliver", otel.kind = "client", notification_id = job.id, endpoint = %job.endpoint_id, attempt = job.attempts + 1))]
+/// One attempt inside the `notifier.deliver` span, which continues the trace stored with the
+/// notification (when there is one and spans are exported).
 async fn handle(pool: &PgPool, client: &deliver::WebhookClient, cfg: &WorkerConfig, job: Job) {
+    let span = tracing::info_span!(
+        "notifier.deliver",
+        otel.name = "notifier.deliver",
+        otel.kind = "client",
+        notification_id = job.id,
+        endpoint = %job.endpoint_id,
+        attempt = job.attempts + 1
+    );
+    if let Some(parent) = job.traceparent.as_deref() {
+        let state = job.tracestate.as_deref();
+        telemetry::set_parent(&span, |name| match name {
+            telemetry::TRACEPARENT => Some(parent),
+            telemetry::TRACESTATE => state,
+            _ => None,
+        });
+    }
+    handle_in_span(pool, client, cfg, job).instrument(span).await
+}
+
+async fn handle_in_span(
+    pool: &PgPool,
+    client: &deliver::WebhookClient,
+    cfg: &WorkerConfig,
+    job: Job,
+) {
     // Leave the record time inside the lease, so a slow answer cannot outlive the claim.
     let timeout = job
         .timeout
