@@ -217,7 +217,9 @@ impl NewNotification {
 pub fn valid_traceparent(t: &str) -> bool {
     let parts: Vec<&str> = t.split('-').collect();
     let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     parts.len() == 4
         && parts[0] == "00"

@@ -173,7 +173,9 @@ async fn handle(pool: &PgPool, client: &deliver::WebhookClient, cfg: &WorkerConf
             _ => None,
         });
     }
-    handle_in_span(pool, client, cfg, job).instrument(span).await
+    handle_in_span(pool, client, cfg, job)
+        .instrument(span)
+        .await
 }
 
 async fn handle_in_span(
