@@ -45,7 +45,7 @@ impl Handler for Notify {
         let n = notifier::NewNotification::json("partner", "order.placed", &message.payload)
             .map_err(|e| HandlerError::reject(e.to_string()))?
             .with_dedupe_key(message.id.to_string());
-        notifier::send(&mut **tx, &n)
+        notifier::send(tx, &n)
             .await
             .map_err(|e| HandlerError::retry(e.to_string()))?;
         Ok(())
@@ -179,6 +179,17 @@ async fn one_trace_runs_from_producer_to_the_notifiers_webhook() {
     .await;
     drop(place_order);
     let (trace_id, _) = traceparent_ids(&producer.0);
+    // A message whose stored traceparent is malformed (a SQL caller's typo): ignored on the way
+    // (W3C: a receiver drops a malformed traceparent), and the notification is still created.
+    let malformed = {
+        let mut tx = db.pool.begin().await.unwrap();
+        let msg = outbox::Message::json("", &queue, &serde_json::json!({"order": 44}))
+            .unwrap()
+            .with_header("traceparent", "00-not-a-trace-01");
+        let id = outbox.enqueue(&mut tx, &msg).await.unwrap();
+        tx.commit().await.unwrap();
+        id
+    };
 
     let _relay = Relay(
         Command::new(&relay_binary)
@@ -199,12 +210,18 @@ async fn one_trace_runs_from_producer_to_the_notifiers_webhook() {
     let webhook = {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(tp) = seen.lock().unwrap().first().cloned() {
+            let found = {
+                let seen = seen.lock().unwrap();
+                let traced = seen.iter().find(|tp| tp.contains(&trace_id)).cloned();
+                traced.filter(|_| seen.len() == 2)
+            };
+            if let Some(tp) = found {
                 break tp;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the webhook never arrived"
+                "the two webhooks never arrived: {:?}",
+                seen.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -220,10 +237,36 @@ async fn one_trace_runs_from_producer_to_the_notifiers_webhook() {
         .await;
     println!("{}", render_tree(&receiver.spans(), &trace_id));
 
-    let stored: String = sqlx::query_scalar("SELECT traceparent FROM notify.notifications")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT traceparent FROM notify.notifications WHERE dedupe_key <> $1")
+            .bind(malformed.0.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // Its webhook arrived (two seen above); the worker records the outcome right after.
+    let other = {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (other, status): (Option<String>, String) = sqlx::query_as(
+                "SELECT traceparent, status FROM notify.notifications WHERE dedupe_key = $1",
+            )
+            .bind(malformed.0.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if status == "delivered" {
+                break other;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the malformed message's notification is {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let other = other.expect("a fresh trace context for the malformed message's notification");
+    assert!(notifier::valid_traceparent(&other), "{other}");
+    assert_ne!(traceparent_ids(&other).0, trace_id);
     let (stored_trace, stored_parent) = traceparent_ids(&stored);
     assert_eq!(stored_trace, trace_id, "the notification stores the trace");
     // The handler ran in a child of the consumer span, or in it.
