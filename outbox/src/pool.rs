@@ -22,8 +22,9 @@
 //! 3. PgBouncer runs `server_reset_query` (its default `DISCARD ALL`) after every transaction:
 //!    `server_reset_query_always = 1`. That deallocates the statements a transaction prepared,
 //!    and destroys the unnamed statement, so a statement that breaks rule 1 fails at once with
-//!    SQLSTATE 26000 instead of running another client's SQL. [`check`] relies on exactly that
-//!    to tell a correctly configured pooler from a direct connection at start.
+//!    SQLSTATE 26000 instead of running another client's SQL. [`check`] relies on that reset
+//!    (a session variable set in one statement is gone in the next) to tell a correctly
+//!    configured pooler from a direct connection at start.
 //!
 //! Session state does not survive a transaction there either: `LISTEN` (the relay then polls),
 //! session `SET` (use `SET LOCAL`), session advisory locks held across statements (sqlx's
@@ -60,7 +61,7 @@ pub enum PoolError {
     /// `DATABASE_URL` is not a PostgreSQL URL sqlx accepts.
     #[error("database_url: {0}")]
     Url(#[source] sqlx::Error),
-    /// `DATABASE_POOL_MODE=transaction`, but the server kept an unnamed statement across
+    /// `DATABASE_POOL_MODE=transaction`, but the server kept session state across
     /// transactions: not a transaction pooler that resets its connections.
     #[error(
         "DATABASE_POOL_MODE=transaction, but the database keeps statements between transactions: \
@@ -135,26 +136,47 @@ pub fn connect_options(url: &str, mode: PoolMode) -> Result<PgConnectOptions, Po
     })
 }
 
-/// Checks that `mode` matches what `pool` is connected to: runs one statement with an argument
-/// outside a transaction, unnamed. A resetting transaction pooler always fails it with SQLSTATE
-/// 26000 (its `Parse` and its `Bind` reach the server across a reset); PostgreSQL always
-/// answers. A pooler in transaction mode without `server_reset_query_always` may do either, so
-/// the check cannot catch that one in the default mode: the README says so.
+/// Checks that `mode` matches what `pool` is connected to.
+///
+/// On one pooled connection it sets a session variable to a fresh random token, then reads it
+/// back, each in its own simple-protocol round (`sqlx::raw_sql`: one `Query` message, answered
+/// before the next is sent, so no pipelining can join the two). PostgreSQL, or a pooler in
+/// session mode, keeps the value for the session. A transaction pooler with
+/// `server_reset_query_always = 1` hands the server connection back after the first statement
+/// and resets it (`DISCARD ALL` includes `RESET ALL`), so the second reads it empty, whichever
+/// server connection it lands on. The answer is the same every time for a given setup. A
+/// transaction pooler without the reset may answer either way: in transaction mode it is then
+/// refused as [`PoolError::NotResetting`] (it would keep statements across clients too), and
+/// in the default mode it cannot be told from PostgreSQL (the README says so).
 pub async fn check(pool: &PgPool, mode: PoolMode) -> Result<(), PoolError> {
-    let probe: Result<i32, sqlx::Error> = sqlx::query_scalar("SELECT $1::int")
-        .bind(1)
-        .persistent(false)
-        .fetch_one(pool)
-        .await;
-    let dropped = match probe {
-        Ok(_) => false,
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("26000") => true,
-        Err(e) => return Err(PoolError::Database(e)),
-    };
-    match (mode, dropped) {
-        (PoolMode::Session, false) | (PoolMode::Transaction, true) => Ok(()),
-        (PoolMode::Session, true) => Err(PoolError::TransactionPooler),
-        (PoolMode::Transaction, false) => Err(PoolError::NotResetting),
+    use sqlx::Row;
+
+    let token = format!("{:016x}", rand::random::<u64>());
+    let mut conn = pool.acquire().await.map_err(PoolError::Database)?;
+    // The token is 16 hex digits: nothing to quote.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET SESSION outbox.pool_probe = '{token}'"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(PoolError::Database)?;
+    let row = sqlx::raw_sql("SELECT current_setting('outbox.pool_probe', true)")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(PoolError::Database)?;
+    let seen: Option<String> = row.try_get(0).map_err(PoolError::Database)?;
+    let kept = seen.as_deref() == Some(token.as_str());
+    if kept {
+        // Leave no trace in the session for whoever uses this connection next.
+        sqlx::raw_sql("RESET outbox.pool_probe")
+            .execute(&mut *conn)
+            .await
+            .map_err(PoolError::Database)?;
+    }
+    match (mode, kept) {
+        (PoolMode::Session, true) | (PoolMode::Transaction, false) => Ok(()),
+        (PoolMode::Session, false) => Err(PoolError::TransactionPooler),
+        (PoolMode::Transaction, true) => Err(PoolError::NotResetting),
     }
 }
 
