@@ -278,7 +278,10 @@ impl fmt::Display for Summary {
             f,
             "payment saga latency",
             format!("{:.0} ms", self.p50_ms),
-            format!("p50 from start to completed or compensated; p99 {:.0} ms", self.p99_ms),
+            format!(
+                "p50 from start to completed or compensated; p99 {:.0} ms",
+                self.p99_ms
+            ),
         )?;
         let saga_ok = !self.failures.iter().any(|x| x.starts_with("saga:"));
         writeln!(
@@ -293,7 +296,7 @@ impl fmt::Display for Summary {
             write!(
                 f,
                 "invariants: all hold (stock never negative and conserved, no order both paid and cancelled, \
-                       each payment charged once, one stock decision per order, read model = orders, every paid order notified)"
+                       each payment charged once, every paid order holds its stock, read model = orders, every paid order notified)"
             )
         } else {
             writeln!(f, "INVARIANTS FAILED:")?;

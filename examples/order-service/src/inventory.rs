@@ -43,11 +43,12 @@ impl Participant for Inventory {
         .fetch_optional(&mut **tx)
         .await?;
         if left.is_none() {
-            let known: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inventory.products WHERE sku = $1)")
-                    .bind(&cmd.sku)
-                    .fetch_one(&mut **tx)
-                    .await?;
+            let known: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM inventory.products WHERE sku = $1)",
+            )
+            .bind(&cmd.sku)
+            .fetch_one(&mut **tx)
+            .await?;
             // A refused step's writes roll back; the saga keeps the reason (`saga.steps`).
             return Err(StepError::failed(if known {
                 format!("{INSUFFICIENT} of {} for {} units", cmd.sku, cmd.quantity)

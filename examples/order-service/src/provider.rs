@@ -315,9 +315,7 @@ async fn refund(
     }
     let id = format!("re_{}", inner.next_refund);
     inner.next_refund += 1;
-    inner
-        .refund_by_key
-        .insert(key, (req.order_id, id.clone()));
+    inner.refund_by_key.insert(key, (req.order_id, id.clone()));
     inner.refund_of_order.insert(req.order_id, id.clone());
     inner.stats.refunds += 1;
     *inner

@@ -226,13 +226,7 @@ secret = "{secret}"
     );
     children.spawn(
         "api",
-        &mut example_cmd(&[
-            "api",
-            "--listen",
-            &api_addr,
-            "--payment-timeout-ms",
-            "2000",
-        ]),
+        &mut example_cmd(&["api", "--listen", &api_addr, "--payment-timeout-ms", "2000"]),
     );
     for ready in [
         format!("{}/healthz", url(p_provider)),
@@ -277,7 +271,10 @@ secret = "{secret}"
     );
     assert!(summary.paid > 0 && summary.timed_out > 0, "{summary}");
     // The saga: some orders charged, then out of stock, then refunded exactly once.
-    assert!(summary.refunded > 0, "no order hit the stock limit: {summary}");
+    assert!(
+        summary.refunded > 0,
+        "no order hit the stock limit: {summary}"
+    );
     assert_eq!(summary.refunds_issued, summary.refunded as u64, "{summary}");
     assert_eq!(
         summary.charges,
