@@ -11,8 +11,9 @@ CREATE TABLE IF NOT EXISTS shop.orders (
     sku                 text NOT NULL,
     quantity            integer NOT NULL CHECK (quantity > 0),
     amount_cents        bigint NOT NULL CHECK (amount_cents > 0),
-    -- pending → paying (a charge is in progress) → paid; pending → cancelled (timeout).
-    -- The timeout only cancels `pending`, so a charge in progress can never meet a cancel.
+    -- pending → paying (the payment saga runs) → paid, or → cancelled (refunded: stock ran
+    -- out after the charge); pending → cancelled (timeout). The timeout only cancels `pending`,
+    -- so a saga in progress can never meet it.
     status              text NOT NULL DEFAULT 'pending'
                         CHECK (status IN ('pending', 'paying', 'paid', 'cancelled')),
     created_at          timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -20,6 +21,10 @@ CREATE TABLE IF NOT EXISTS shop.orders (
     cancelled_at        timestamptz,
     cancel_reason       text,
     charge_id           text,
+    -- The payment saga started by POST /orders/{id}/pay, in the claim's transaction.
+    saga_id             bigint,
+    -- The provider's refund, when the stock ran out after the charge.
+    refund_id           text,
     created_message_id  bigint,
     paid_message_id     bigint,
     -- true when the payment transaction removed the timeout before the relay published it.
@@ -36,8 +41,8 @@ CREATE TABLE IF NOT EXISTS inventory.products (
     stock    bigint NOT NULL CHECK (stock >= 0)
 );
 
--- One row per order: the stock decision. `released` without a prior reservation is the
--- tombstone of an order cancelled before its `order.created` was processed.
+-- One row per reserved order (the saga's `reserve` step); `released` when the saga undid it.
+-- A refused reservation leaves no row: its step failed and the saga keeps the reason.
 CREATE TABLE IF NOT EXISTS inventory.reservations (
     order_id          bigint PRIMARY KEY,
     sku               text NOT NULL,

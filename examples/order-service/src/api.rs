@@ -3,9 +3,10 @@
 //! - `POST /orders` `{sku, quantity, amount_cents}`, optional `Idempotency-Key`: one
 //!   transaction inserts the order, enqueues `order.created` and the delayed
 //!   `order.payment_timeout`. A retry with the same key returns the first order.
-//! - `POST /orders/{id}/pay`: charges through the gateway, then one transaction marks the order
-//!   paid, withdraws the timeout (`outbox.cancel`), enqueues `order.paid` and produces the
-//!   merchant webhook (`notify.send`).
+//! - `POST /orders/{id}/pay`: one transaction claims the order (`paying`) and starts its payment
+//!   saga ([`crate::order_saga`]: charge through the gateway, reserve stock, confirm; refund when
+//!   the stock ran out), then waits for the saga's decision: 200 paid, 409 cancelled (refunded
+//!   or timed out), 503 still running (ask again).
 //! - `GET /orders/{id}`; `GET /reports/daily` (the read model); `GET /healthz`.
 
 use std::time::Duration;
@@ -20,8 +21,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::events::{self, OrderEvent, OrderPaid, PaymentTimeout};
-use crate::payment::{ChargeOutcome, PaymentClient};
+use crate::events::{self, OrderEvent, PaymentTimeout};
+use crate::order_saga;
 
 /// What the service needs.
 #[derive(Debug, Clone)]
@@ -32,10 +33,8 @@ pub struct AppState {
     pub exchange: String,
     /// How long an order may stay unpaid.
     pub payment_timeout: Duration,
-    /// The payment provider, through the gateway.
-    pub payments: PaymentClient,
-    /// The notifier endpoint id of the merchant's webhook.
-    pub notify_endpoint: String,
+    /// How long `POST /orders/{id}/pay` waits for the payment saga before answering 503.
+    pub pay_wait: Duration,
 }
 
 /// An order as the API shows it.
@@ -290,114 +289,73 @@ async fn get_order(
 async fn pay_order(
     State(state): State<AppState>,
     Path(id): Path<i64>,
-) -> Result<Json<Order>, Problem> {
-    // Claim the payment first: `paying` keeps the timeout consumer off the order while the
-    // provider is being called (it cancels `pending` orders only). No transaction stays open
-    // across the HTTP call.
-    let claimed: Option<i64> = sqlx::query_scalar(
-        "UPDATE shop.orders SET status = 'paying' \
-         WHERE id = $1 AND status IN ('pending', 'paying') RETURNING amount_cents",
+) -> Result<Response, Problem> {
+    // Claim the order and start its payment saga in one transaction: the saga (and its first
+    // command, the charge) exists exactly when the order is `paying`, which keeps the timeout
+    // consumer off it (it cancels `pending` orders only). A second request finds it `paying`
+    // and waits for the same saga.
+    let mut tx = state.pool.begin().await?;
+    let claimed: Option<(i64, String, i32)> = sqlx::query_as(
+        "UPDATE shop.orders SET status = 'paying' WHERE id = $1 AND status = 'pending' \
+         RETURNING amount_cents, sku, quantity",
     )
     .bind(id)
-    .fetch_optional(&state.pool)
-    .await?;
-    let Some(amount_cents) = claimed else {
-        let order = fetch_order(&state.pool, id).await?;
-        return match order.status.as_str() {
-            "paid" => Ok(Json(order)),
-            _ => Err(Problem::new(
-                StatusCode::CONFLICT,
-                format!("order {id}: is {}, cannot be paid", order.status),
-            )),
-        };
-    };
-    let charge_id = match state.payments.charge(id, amount_cents).await {
-        ChargeOutcome::Charged {
-            charge_id,
-            replayed,
-        } => {
-            tracing::info!(order_id = id, %charge_id, replayed, "charged");
-            charge_id
-        }
-        ChargeOutcome::Declined(why) => {
-            // Nothing was charged: the order may be paid again, or time out.
-            sqlx::query(
-                "UPDATE shop.orders SET status = 'pending' WHERE id = $1 AND status = 'paying'",
-            )
-            .bind(id)
-            .execute(&state.pool)
-            .await?;
-            return Err(Problem::new(
-                StatusCode::PAYMENT_REQUIRED,
-                format!("payment declined: {why}"),
-            ));
-        }
-        ChargeOutcome::Unknown(why) => {
-            // The charge may exist. The order stays `paying` (the timeout waits for it) and a
-            // retry with the same key finds out.
-            tracing::warn!(order_id = id, cause = %why, "payment outcome unknown");
-            return Err(Problem {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                detail: format!("payment outcome unknown, retry: {why}"),
-                retry_after: Some(1),
-            });
-        }
-    };
-
-    let mut tx = state.pool.begin().await?;
-    let paid: Option<Order> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "UPDATE shop.orders SET status = 'paid', paid_at = clock_timestamp(), charge_id = $2 \
-         WHERE id = $1 AND status = 'paying' RETURNING {ORDER_COLUMNS}"
-    )))
-    .bind(id)
-    .bind(&charge_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(order) = paid else {
-        // A concurrent request for the same order finished first.
+    if let Some((amount_cents, sku, quantity)) = claimed {
+        let def = order_saga::definition(&state.exchange, id, amount_cents, &sku, quantity)
+            .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let saga_id = saga::start(&mut tx, &def, &serde_json::json!({ "order_id": id }))
+            .await
+            .map_err(|e| {
+                tracing::error!(order_id = id, cause = %e, "saga start failed");
+                Problem {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    detail: "database unavailable, retry".into(),
+                    retry_after: Some(1),
+                }
+            })?;
+        sqlx::query("UPDATE shop.orders SET saga_id = $2 WHERE id = $1")
+            .bind(id)
+            .bind(saga_id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(order_id = id, %saga_id, "payment saga started");
+    } else {
         tx.rollback().await?;
-        return Ok(Json(fetch_order(&state.pool, id).await?));
-    };
-    let withdrawn: bool = sqlx::query_scalar("SELECT outbox.cancel($1)")
-        .bind(events::timeout_key(id))
-        .fetch_one(&mut *tx)
-        .await?;
-    let event = OrderPaid {
-        order_id: id,
-        amount_cents: order.amount_cents,
-        charge_id: charge_id.clone(),
-        created_at: order.created_at,
-    };
-    let message_id: i64 = sqlx::query_scalar(
-        "SELECT outbox.enqueue(exchange => $1, routing_key => $2, payload => $3, \
-                               ordering_key => $4)",
-    )
-    .bind(&state.exchange)
-    .bind(events::ORDER_PAID)
-    .bind(serde_json::to_vec(&event).expect("serialisable"))
-    .bind(events::ordering_key(id))
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
-        "SELECT notify.send(endpoint => $1, event_type => 'order.paid', body => $2, \
-                            dedupe_key => $3)",
-    )
-    .bind(&state.notify_endpoint)
-    .bind(serde_json::to_value(&event).expect("serialisable"))
-    .bind(format!("order.paid:{id}"))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE shop.orders SET paid_message_id = $2, timeout_withdrawn = $3 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(message_id)
-    .bind(withdrawn)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    tracing::info!(order_id = id, message_id, withdrawn, "order paid");
-    Ok(Json(order))
+    }
+    // The saga decides: paid (charged, stock reserved, confirmed) or cancelled (refunded, or
+    // timed out before the claim). Wait a while for it; past that, the client asks again.
+    let deadline = tokio::time::Instant::now() + state.pay_wait;
+    loop {
+        let order = fetch_order(&state.pool, id).await?;
+        match order.status.as_str() {
+            "paid" => return Ok(Json(order).into_response()),
+            "paying" if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            "paying" => {
+                return Err(Problem {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    detail: format!("order {id}: payment in progress, retry"),
+                    retry_after: Some(1),
+                });
+            }
+            other => {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "order {id}: is {other}{}, cannot be paid",
+                        order
+                            .cancel_reason
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 async fn daily_totals(State(state): State<AppState>) -> Result<Json<Vec<DailyTotals>>, Problem> {

@@ -69,6 +69,24 @@ pub struct Summary {
     pub paid: i64,
     /// Orders cancelled by their payment timeout.
     pub timed_out: i64,
+    /// Orders charged, then refunded by the saga because the stock ran out.
+    pub refunded: i64,
+    /// Orders whose charge was declined (cancelled, nothing charged).
+    pub declined: i64,
+    /// Payment sagas started (one per order that reached `paying`).
+    pub sagas_started: i64,
+    /// Sagas completed (charged, stock reserved, order paid).
+    pub sagas_completed: i64,
+    /// Sagas compensated (refunded, or nothing to undo).
+    pub sagas_compensated: i64,
+    /// Sagas parked stuck (a compensation that cannot succeed).
+    pub sagas_stuck: i64,
+    /// Refunds the provider issued (its own count).
+    pub refunds_issued: u64,
+    /// Compensations (refund attempts included) the coordinator sent in all.
+    pub refund_attempts: i64,
+    /// Charged orders that are paid and hold their stock.
+    pub paid_and_reserved: i64,
     /// Payment timeouts withdrawn by the payment transaction before they were published.
     pub timeouts_withdrawn: i64,
     /// Payments attempted after the timeout, refused with 409.
@@ -107,15 +125,15 @@ pub struct Summary {
     pub consumer_retries: u64,
     /// Stock reservations held.
     pub reserved: i64,
-    /// Orders refused for insufficient stock.
+    /// Reservations refused for insufficient stock (after the charge).
     pub rejected: i64,
-    /// Reservations given back by cancellations.
+    /// Reservations given back by a compensating saga.
     pub released: i64,
     /// Notifications acknowledged by the receiver (distinct).
     pub notifications_delivered: u64,
     /// Webhook attempts in all (first tries, retries after injected failures).
     pub notification_attempts: i64,
-    /// Order committed → stock decision committed, median (ms).
+    /// Saga started → saga finished, median (ms).
     pub p50_ms: f64,
     /// Same, 99th percentile (ms).
     pub p99_ms: f64,
@@ -172,6 +190,25 @@ impl fmt::Display for Summary {
         )?;
         row(
             f,
+            "refunded (stock ran out)",
+            self.refunded.to_string(),
+            format!(
+                "charged, then the reservation failed; {} declined charges",
+                self.declined
+            ),
+        )?;
+        writeln!(
+            f,
+            "  sagas: started {}, completed {}, compensated {}, stuck {}",
+            self.sagas_started, self.sagas_completed, self.sagas_compensated, self.sagas_stuck
+        )?;
+        writeln!(
+            f,
+            "  refunds issued {}   (the provider's count; {} refund commands sent)",
+            self.refunds_issued, self.refund_attempts
+        )?;
+        row(
+            f,
             "duplicate charges prevented",
             prevented.to_string(),
             format!(
@@ -214,7 +251,7 @@ impl fmt::Display for Summary {
             "stock decisions",
             (self.reserved + self.rejected + self.released).to_string(),
             format!(
-                "reserved {}, rejected (insufficient) {}, released by cancellation {}",
+                "reserved {}, rejected after payment (insufficient) {}, released by compensation {}",
                 self.reserved, self.rejected, self.released
             ),
         )?;
@@ -239,15 +276,27 @@ impl fmt::Display for Summary {
         )?;
         row(
             f,
-            "order-to-stock latency",
+            "payment saga latency",
             format!("{:.0} ms", self.p50_ms),
-            format!("p50; p99 {:.0} ms", self.p99_ms),
+            format!(
+                "p50 from start to completed or compensated; p99 {:.0} ms",
+                self.p99_ms
+            ),
+        )?;
+        let saga_ok = !self.failures.iter().any(|x| x.starts_with("saga:"));
+        writeln!(
+            f,
+            "invariant: every charged order is paid-and-reserved ({}) or refunded exactly once ({}); \
+             none refunded twice; stuck = 0; started = completed + compensated: {}",
+            self.paid_and_reserved,
+            self.refunded,
+            if saga_ok { "holds" } else { "FAILED" }
         )?;
         if self.failures.is_empty() {
             write!(
                 f,
                 "invariants: all hold (stock never negative and conserved, no order both paid and cancelled, \
-                       each payment charged once, one stock decision per order, read model = orders, every paid order notified)"
+                       each payment charged once, every paid order holds its stock, read model = orders, every paid order notified)"
             )
         } else {
             writeln!(f, "INVARIANTS FAILED:")?;
@@ -276,14 +325,21 @@ struct Plan {
     duplicate_pay: bool,
 }
 
-/// The products: (sku, stock, unit price). `limited` runs out on purpose.
+/// The products: (sku, stock, unit price). `limited` runs out on purpose: its stock is
+/// [`limited_stock`], about a fifth of what its orders ask for, so about one order in eleven is
+/// charged and then refunded by the saga.
 pub const PRODUCTS: &[(&str, i64, i64)] = &[
     ("sku-apple", 1_000_000, 120),
     ("sku-pear", 1_000_000, 95),
     ("sku-plum", 1_000_000, 250),
     ("sku-fig", 1_000_000, 410),
-    ("limited", 40, 9_900),
+    ("limited", 0, 9_900),
 ];
+
+/// The stock of `limited` for a run of `orders` orders (40 for 1,000; 2 for 50).
+pub fn limited_stock(orders: usize) -> i64 {
+    (orders as i64 / 25).max(2)
+}
 
 fn plans(cfg: &DemoConfig) -> Vec<Plan> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -557,20 +613,21 @@ async fn republish(cfg: &DemoConfig, pool: &PgPool, sample: &[i64]) -> anyhow::R
                 .await?
                 .await?;
             sent += 1;
-            // order.created reaches inventory and the read model; order.paid the read model.
-            deliveries += if routing_key == events::ORDER_CREATED {
-                2
-            } else {
-                1
-            };
+            // order.created and order.paid reach the read model (inventory takes saga commands).
+            deliveries += 1;
         }
     }
     let _ = conn.close(200, "done".into()).await;
     Ok((sent, deliveries))
 }
 
-async fn seed_products(pool: &PgPool) -> anyhow::Result<()> {
+async fn seed_products(pool: &PgPool, orders: usize) -> anyhow::Result<()> {
     for (sku, stock, _) in PRODUCTS {
+        let stock = if *sku == "limited" {
+            limited_stock(orders)
+        } else {
+            *stock
+        };
         sqlx::query(
             "INSERT INTO inventory.products (sku, initial, stock) VALUES ($1, $2, $2) \
              ON CONFLICT (sku) DO NOTHING",
@@ -607,7 +664,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
         .connect(&cfg.database_url)
         .await
         .context("connect to the demo database")?;
-    seed_products(&pool).await?;
+    seed_products(&pool, cfg.orders).await?;
     let driver = Arc::new(Driver {
         cfg: cfg.clone(),
         http: reqwest::Client::builder()
@@ -667,10 +724,11 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
     let deadline = Instant::now() + cfg.settle_deadline;
     wait_until(
         deadline,
-        "every order paid or cancelled, outbox empty",
+        "every order paid or cancelled, every saga finished, outbox empty",
         || async {
             let open: i64 = sqlx::query_scalar(
                 "SELECT (SELECT count(*) FROM shop.orders WHERE status IN ('pending', 'paying')) \
+                  + (SELECT count(*) FROM saga.instances WHERE state IN ('running', 'compensating')) \
                   + (SELECT count(*) FROM outbox.messages)",
             )
             .fetch_one(&pool)
@@ -678,16 +736,6 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<Summary> {
             Ok(open == 0)
         },
     )
-    .await?;
-    wait_until(deadline, "one stock decision per order, cancellations released", || async {
-        let missing: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM shop.orders o LEFT JOIN inventory.reservations r ON r.order_id = o.id \
-             WHERE r.order_id IS NULL OR (o.status = 'cancelled' AND r.status = 'reserved')",
-        )
-        .fetch_one(&pool)
-        .await?;
-        Ok(missing == 0)
-    })
     .await?;
     wait_until(deadline, "read model caught up", || async {
         let behind: bool = sqlx::query_scalar(
@@ -755,6 +803,14 @@ async fn summarise(
         .await?
         .json()
         .await?;
+    let (timed_out, refunded, declined, with_saga): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE cancel_reason = 'payment timeout'), \
+                count(*) FILTER (WHERE status = 'cancelled' AND refund_id IS NOT NULL), \
+                count(*) FILTER (WHERE cancel_reason = 'payment declined'), \
+                count(*) FILTER (WHERE saga_id IS NOT NULL) FROM shop.orders",
+    )
+    .fetch_one(pool)
+    .await?;
     let (created, paid, cancelled, revenue, withdrawn, both): (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), count(*) FILTER (WHERE status = 'cancelled'), \
                 coalesce(sum(amount_cents) FILTER (WHERE status = 'paid'), 0)::bigint, \
@@ -764,16 +820,34 @@ async fn summarise(
     )
     .fetch_one(pool)
     .await?;
-    let (reserved, rejected, released): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'reserved'), count(*) FILTER (WHERE status = 'rejected'), \
+    let (reserved, released): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'reserved'), \
                 count(*) FILTER (WHERE status = 'released') FROM inventory.reservations",
     )
     .fetch_one(pool)
     .await?;
+    let (rejected, refund_attempts): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.idx = 1 AND s.state = 'failed'), \
+                coalesce(sum(s.compensation_attempts) FILTER (WHERE s.idx = 0), 0)::bigint \
+         FROM saga.steps s JOIN saga.instances i ON i.id = s.saga_id WHERE i.name = $1",
+    )
+    .bind(crate::order_saga::NAME)
+    .fetch_one(pool)
+    .await?;
+    let (started, completed, compensated, stuck, twice): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'completed'), \
+                count(*) FILTER (WHERE state = 'compensated'), count(*) FILTER (WHERE state = 'stuck'), \
+                (SELECT count(*) FROM saga.steps s JOIN saga.instances j ON j.id = s.saga_id \
+                  WHERE j.name = $1 AND s.compensations_applied > 1) \
+         FROM saga.instances i WHERE i.name = $1",
+    )
+    .bind(crate::order_saga::NAME)
+    .fetch_one(pool)
+    .await?;
     let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
-         FROM (SELECT extract(epoch FROM decided_at - order_created_at) * 1000 AS ms \
-               FROM inventory.reservations WHERE reason IS DISTINCT FROM 'cancelled before reservation') d",
+         FROM (SELECT extract(epoch FROM updated_at - created_at) * 1000 AS ms \
+               FROM saga.instances WHERE state IN ('completed', 'compensated')) d",
     )
     .fetch_one(pool)
     .await?;
@@ -820,30 +894,76 @@ async fn summarise(
     if both > 0 {
         failures.push(format!("{both} orders both paid and cancelled"));
     }
-    // Each payment charged once at the provider, and only paid orders charged.
-    let orders: Vec<(i64, String, i64)> =
-        sqlx::query_as("SELECT id, status, amount_cents FROM shop.orders ORDER BY id")
-            .fetch_all(pool)
-            .await?;
+    // Each payment charged once at the provider; every charged order either paid and holding
+    // its stock, or refunded exactly once (the provider's own records, not ours).
+    let orders: Vec<(i64, String, i64, Option<String>, bool)> = sqlx::query_as(
+        "SELECT o.id, o.status, o.amount_cents, o.refund_id, \
+                EXISTS (SELECT 1 FROM inventory.reservations r WHERE r.order_id = o.id AND r.status = 'reserved') \
+         FROM shop.orders o ORDER BY o.id",
+    )
+    .fetch_all(pool)
+    .await?;
     let charges: &BTreeMap<i64, u32> = &provider.charges_per_order;
-    for (id, status, amount) in &orders {
+    let refunds: &BTreeMap<i64, u32> = &provider.refunds_per_order;
+    let mut paid_and_reserved = 0;
+    for (id, status, amount, refund_id, holds_stock) in &orders {
         let n = charges.get(id).copied().unwrap_or(0);
+        let r = refunds.get(id).copied().unwrap_or(0);
+        if n > 1 {
+            failures.push(format!("order {id} charged {n} times"));
+        }
+        if r > 1 {
+            failures.push(format!("saga: order {id} refunded {r} times"));
+        }
+        if n >= 1 && provider.amount_per_order.get(id) != Some(amount) {
+            failures.push(format!("order {id} charged another amount than {amount}"));
+        }
         match status.as_str() {
-            "paid" if n != 1 => failures.push(format!("order {id} paid but charged {n} times")),
-            "paid" if provider.amount_per_order.get(id) != Some(amount) => {
-                failures.push(format!("order {id} charged another amount than {amount}"))
-            }
-            "cancelled" if n != 0 => {
-                failures.push(format!("order {id} cancelled but charged {n} times"))
+            "paid" if n != 1 || r != 0 || !holds_stock => failures.push(format!(
+                "saga: order {id} paid with {n} charges, {r} refunds, stock held: {holds_stock}"
+            )),
+            "paid" => paid_and_reserved += 1,
+            "cancelled" if n == 1 && (r != 1 || refund_id.is_none()) => failures.push(format!(
+                "saga: order {id} charged, cancelled, refunded {r} times (our record: {refund_id:?})"
+            )),
+            "cancelled" if n == 0 && (r != 0 || refund_id.is_some()) => failures.push(format!(
+                "saga: order {id} never charged but refunded {r} times"
+            )),
+            "cancelled" if *holds_stock => {
+                failures.push(format!("order {id} cancelled but holds stock"))
             }
             _ => {}
         }
     }
-    if provider.charges as i64 != paid {
+    if provider.charges as i64 != paid + refunded {
         failures.push(format!(
-            "{} charges at the provider for {paid} paid orders",
+            "{} charges at the provider for {paid} paid and {refunded} refunded orders",
             provider.charges
         ));
+    }
+    if provider.refunds as i64 != refunded {
+        failures.push(format!(
+            "saga: {} refunds at the provider for {refunded} refunded orders",
+            provider.refunds
+        ));
+    }
+    if stuck != 0 {
+        failures.push(format!("saga: {stuck} sagas stuck"));
+    }
+    if started != completed + compensated + stuck || started != with_saga {
+        failures.push(format!(
+            "saga: started {started} != completed {completed} + compensated {compensated} \
+             (orders with a saga: {with_saga})"
+        ));
+    }
+    if completed != paid || compensated != refunded + declined {
+        failures.push(format!(
+            "saga: completed {completed} for {paid} paid orders, compensated {compensated} for \
+             {refunded} refunded + {declined} declined"
+        ));
+    }
+    if twice != 0 {
+        failures.push(format!("saga: {twice} steps compensated twice"));
     }
     if read_model != (created, paid, cancelled, revenue) {
         failures.push(format!("read model {read_model:?} disagrees with the orders ({created}, {paid}, {cancelled}, {revenue})"));
@@ -880,7 +1000,16 @@ async fn summarise(
         orders_created: created,
         create_retries_absorbed: c.create_retries.load(Ordering::Relaxed),
         paid,
-        timed_out: cancelled,
+        timed_out,
+        refunded,
+        declined,
+        sagas_started: started,
+        sagas_completed: completed,
+        sagas_compensated: compensated,
+        sagas_stuck: stuck,
+        refunds_issued: provider.refunds,
+        refund_attempts,
+        paid_and_reserved,
         timeouts_withdrawn: withdrawn,
         late_payments_refused: c.late_refused.load(Ordering::Relaxed),
         race_paid: c.race_paid.load(Ordering::Relaxed),

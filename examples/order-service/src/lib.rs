@@ -16,6 +16,7 @@ pub mod demo;
 pub mod events;
 pub mod inventory;
 pub mod metrics_text;
+pub mod order_saga;
 pub mod payment;
 pub mod provider;
 pub mod read_model;

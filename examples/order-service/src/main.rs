@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! order-service migrate                      # the example's tables (after `outbox-relay migrate`)
-//! order-service api --gateway-url URL        # the order service (HTTP)
-//! order-service workers                      # inventory, payment-timeout and read-model consumers
+//! order-service api                          # the order service (HTTP)
+//! order-service workers --gateway-url URL    # saga participants and coordinator, payment
+//!                                            # timeouts, read model
 //! order-service provider                     # the fake payment provider
 //! order-service receiver --secret S          # the merchant's webhook receiver
 //! order-service drive --orders 1000 ...      # the demo driver: load, summary, invariants
@@ -20,7 +21,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
-use order_service::{api, demo, payment, provider, receiver, schema, workers};
+use order_service::{api, demo, provider, receiver, schema, workers};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
@@ -57,23 +58,27 @@ enum Command {
     Api {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
-        /// The gateway; its `/pay` route leads to the payment provider.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        gateway_url: String,
         /// How long an order may stay unpaid (15 minutes; seconds in the demo).
         #[arg(long, default_value_t = 900_000)]
         payment_timeout_ms: u64,
-        /// The notifier endpoint of the merchant's webhook.
-        #[arg(long, default_value = "merchant")]
-        notify_endpoint: String,
-        /// Attempts per payment request (through the gateway, same key).
-        #[arg(long, default_value_t = 6)]
-        payment_attempts: u32,
+        /// How long `POST /orders/{id}/pay` waits for the payment saga before answering 503.
+        #[arg(long, default_value_t = 5_000)]
+        pay_wait_ms: u64,
     },
-    /// The three consumers; `/metrics` and `/readyz` on `listen`.
+    /// The consumers (saga participants and coordinator, payment timeouts, read model);
+    /// `/metrics` and `/readyz` on `listen`.
     Workers {
         #[arg(long, default_value = "127.0.0.1:8001")]
         listen: SocketAddr,
+        /// The gateway; its `/pay` and `/refund` routes lead to the payment provider.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway_url: String,
+        /// The notifier endpoint of the merchant's webhook.
+        #[arg(long, default_value = "merchant")]
+        notify_endpoint: String,
+        /// Attempts per payment or refund request (through the gateway, same key).
+        #[arg(long, default_value_t = 6)]
+        payment_attempts: u32,
         /// Prefix of the queue names.
         #[arg(long, default_value = "")]
         queue_prefix: String,
@@ -188,22 +193,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Api {
             listen,
-            gateway_url,
             payment_timeout_ms,
-            notify_endpoint,
-            payment_attempts,
+            pay_wait_ms,
         } => {
             let state = api::AppState {
                 pool: pool(&cli.database_url, 16).await?,
                 exchange: cli.exchange,
                 payment_timeout: Duration::from_millis(payment_timeout_ms),
-                payments: payment::PaymentClient::new(&gateway_url, payment_attempts),
-                notify_endpoint,
+                pay_wait: Duration::from_millis(pay_wait_ms),
             };
             serve(listen, api::router(state), shutdown).await?;
         }
         Command::Workers {
             listen,
+            gateway_url,
+            notify_endpoint,
+            payment_attempts,
             queue_prefix,
             concurrency,
         } => {
@@ -229,8 +234,12 @@ async fn main() -> anyhow::Result<()> {
                 exchange: cli.exchange,
                 queue_prefix,
                 concurrency,
+                gateway_url,
+                payment_attempts,
+                notify_endpoint,
             };
-            let db = pool(&cli.database_url, 3 * concurrency as u32 + 4).await?;
+            // Six consumers; the payment participant holds its connection across the gateway call.
+            let db = pool(&cli.database_url, 4 * concurrency as u32 + 4).await?;
             let http = tokio::spawn(serve(listen, app, shutdown.clone()));
             workers::run(config, db, ready, shutdown.clone()).await?;
             shutdown.cancel();
@@ -242,6 +251,9 @@ async fn main() -> anyhow::Result<()> {
                 exchange: cli.exchange,
                 queue_prefix,
                 concurrency: 1,
+                gateway_url: String::new(),
+                payment_attempts: 1,
+                notify_endpoint: String::new(),
             };
             workers::remove_topology(&config)
                 .await

@@ -2,7 +2,9 @@
 //! than the gateway's timeout), some fail with 503, chosen by a seeded random generator so a run
 //! can be repeated. Like a real provider it dedupes on the `Idempotency-Key` it receives and
 //! honours the gateway's fencing token: a request whose token is lower than one already seen
-//! for the order never charges. `GET /stats` reports every charge, per order.
+//! for the order never charges. `POST /refunds` refunds an order's charge at most once, deduped
+//! on its own `Idempotency-Key` (distinct from the charge's). `GET /stats` reports every charge
+//! and refund, per order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,16 @@ pub struct ProviderStats {
     pub charges_per_order: BTreeMap<i64, u32>,
     /// Amount charged per order id.
     pub amount_per_order: BTreeMap<i64, i64>,
+    /// Refund requests received.
+    pub refund_requests: u64,
+    /// Refunds issued.
+    pub refunds: u64,
+    /// Refund requests answered with the existing refund (same idempotency key).
+    pub refunds_deduplicated: u64,
+    /// Refund requests refused: no charge for the order, or refunded already under another key.
+    pub refunds_refused: u64,
+    /// Refunds per order id (more than one would be a double refund).
+    pub refunds_per_order: BTreeMap<i64, u32>,
 }
 
 #[derive(Debug)]
@@ -56,6 +68,13 @@ struct Inner {
     rng: StdRng,
     config: ProviderConfig,
     by_key: HashMap<String, String>,
+    /// Charge id per order (the provider's own record of what it charged).
+    charge_of_order: HashMap<i64, String>,
+    /// Refund idempotency key → (order, refund id).
+    refund_by_key: HashMap<String, (i64, String)>,
+    /// Refund id per order.
+    refund_of_order: HashMap<i64, String>,
+    next_refund: u64,
     max_token: HashMap<i64, u64>,
     next_charge: u64,
     stats: ProviderStats,
@@ -78,16 +97,21 @@ impl Provider {
             rng: StdRng::seed_from_u64(config.seed),
             config,
             by_key: HashMap::new(),
+            charge_of_order: HashMap::new(),
+            refund_by_key: HashMap::new(),
+            refund_of_order: HashMap::new(),
+            next_refund: 1,
             max_token: HashMap::new(),
             next_charge: 1,
             stats: ProviderStats::default(),
         })))
     }
 
-    /// `POST /charges`, `GET /stats`, `GET /healthz`.
+    /// `POST /charges`, `POST /refunds`, `GET /stats`, `GET /healthz`.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/charges", post(charge))
+            .route("/refunds", post(refund))
             .route("/stats", get(stats))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(self.clone())
@@ -207,6 +231,7 @@ async fn settle(
     let id = format!("ch_{}", inner.next_charge);
     inner.next_charge += 1;
     inner.by_key.insert(key, id.clone());
+    inner.charge_of_order.insert(req.order_id, id.clone());
     inner.stats.charges += 1;
     *inner
         .stats
@@ -219,6 +244,89 @@ async fn settle(
         .entry(req.order_id)
         .or_insert(0) += req.amount_cents;
     answer(StatusCode::CREATED, serde_json::json!({"charge_id": id}))
+}
+
+#[derive(Deserialize)]
+struct RefundRequest {
+    order_id: i64,
+}
+
+/// `POST /refunds` `{order_id}` with an `Idempotency-Key`: refunds the order's charge. The same
+/// key answers the same refund again; an order without a charge is 404, one refunded already
+/// under another key 409. Like charges, some requests fail with 503 before anything happens.
+async fn refund(
+    State(provider): State<Provider>,
+    headers: HeaderMap,
+    body: Result<Json<RefundRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "Idempotency-Key header required"}),
+        );
+    };
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => {
+            return answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"error": e.body_text()}),
+            );
+        }
+    };
+    let mut inner = provider.0.lock().expect("provider lock");
+    inner.stats.refund_requests += 1;
+    if let Some((order, id)) = inner.refund_by_key.get(&key).cloned() {
+        if order != req.order_id {
+            inner.stats.refunds_refused += 1;
+            return answer(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"error": "Idempotency-Key already used for another order"}),
+            );
+        }
+        inner.stats.refunds_deduplicated += 1;
+        return answer(StatusCode::OK, serde_json::json!({"refund_id": id}));
+    }
+    let Some(charge_id) = inner.charge_of_order.get(&req.order_id).cloned() else {
+        inner.stats.refunds_refused += 1;
+        return answer(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("order_id {}: no charge to refund", req.order_id)}),
+        );
+    };
+    if inner.refund_of_order.contains_key(&req.order_id) {
+        inner.stats.refunds_refused += 1;
+        return answer(
+            StatusCode::CONFLICT,
+            serde_json::json!({"error": format!("order_id {}: charge {charge_id} already refunded", req.order_id)}),
+        );
+    }
+    let fail_rate = inner.config.fail_rate;
+    if inner.rng.random_bool(fail_rate) {
+        inner.stats.failures_injected += 1;
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "injected failure"}),
+        );
+    }
+    let id = format!("re_{}", inner.next_refund);
+    inner.next_refund += 1;
+    inner.refund_by_key.insert(key, (req.order_id, id.clone()));
+    inner.refund_of_order.insert(req.order_id, id.clone());
+    inner.stats.refunds += 1;
+    *inner
+        .stats
+        .refunds_per_order
+        .entry(req.order_id)
+        .or_insert(0) += 1;
+    answer(
+        StatusCode::CREATED,
+        serde_json::json!({"refund_id": id, "charge_id": charge_id}),
+    )
 }
 
 async fn stats(State(provider): State<Provider>) -> Json<ProviderStats> {

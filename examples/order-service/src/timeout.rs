@@ -66,10 +66,41 @@ impl Handler for CancelUnpaid {
         match status.as_deref() {
             // Paid, or cancelled by an earlier copy of this message: nothing to do.
             Some("paid") | Some("cancelled") => Ok(()),
-            // A charge is in progress and its outcome decides; look again after a delay.
-            Some(_) => Err(HandlerError::retry(format!(
-                "order {id}: payment in progress"
-            ))),
+            Some(_) => {
+                // A payment saga runs and its outcome decides, unless it ended without deciding:
+                // the charge was declined (step 0 refused, nothing charged, nothing to refund).
+                let declined: Option<(String, i32, i64, chrono::DateTime<chrono::Utc>)> =
+                    sqlx::query_as(
+                        "UPDATE shop.orders o SET status = 'cancelled', cancelled_at = clock_timestamp(), \
+                             cancel_reason = 'payment declined' \
+                         FROM saga.instances i \
+                         WHERE o.id = $1 AND o.status = 'paying' AND i.id = o.saga_id \
+                           AND i.state = 'compensated' AND o.charge_id IS NULL \
+                         RETURNING o.sku, o.quantity, o.amount_cents, o.created_at",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                let Some((sku, quantity, amount_cents, created_at)) = declined else {
+                    return Err(HandlerError::retry(format!(
+                        "order {id}: payment in progress"
+                    )));
+                };
+                crate::order_saga::cancel_timeout_and_announce(
+                    tx,
+                    &self.exchange,
+                    OrderEvent {
+                        order_id: id,
+                        sku,
+                        quantity,
+                        amount_cents,
+                        created_at,
+                        reason: Some("payment declined".into()),
+                    },
+                )
+                .await?;
+                Ok(())
+            }
             None => Err(HandlerError::reject(format!("order {id}: not found"))),
         }
     }

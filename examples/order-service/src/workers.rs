@@ -1,6 +1,7 @@
-//! The three consumers of the example, one process: inventory, payment timeouts, read model.
-//! Each has its own consumer name (its own inbox rows) and its own durable queue bound to the
-//! order exchange.
+//! The consumers of the example, one process: the payment saga's participants (payments,
+//! inventory, the order confirmation) and its coordinator, payment timeouts, read model. Each
+//! has its own consumer name (its own inbox rows) and its own durable queue bound to the order
+//! exchange.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +15,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::events;
-use crate::inventory::ReserveStock;
+use crate::inventory::Inventory;
+use crate::order_saga::{self, Confirm, Payments};
+use crate::payment::PaymentClient;
 use crate::read_model::DailyTotals;
 use crate::timeout::CancelUnpaid;
+use saga::{Coordinator, ParticipantHandler};
 
 /// Settings of the worker process.
 #[derive(Debug, Clone)]
@@ -29,15 +33,25 @@ pub struct WorkersConfig {
     pub queue_prefix: String,
     /// Handlers running at once, per consumer.
     pub concurrency: usize,
+    /// The gateway (its `/pay` and `/refund` routes lead to the payment provider).
+    pub gateway_url: String,
+    /// Attempts per gateway request (same key).
+    pub payment_attempts: u32,
+    /// The notifier endpoint of the merchant's webhook.
+    pub notify_endpoint: String,
 }
 
 impl WorkersConfig {
-    /// The queues the workers consume, in the order inventory, payment timeouts, read model.
-    pub fn queues(&self) -> [String; 3] {
+    /// The queues the workers consume, in the order inventory, payment timeouts, read model,
+    /// payments, order confirmation, saga replies.
+    pub fn queues(&self) -> [String; 6] {
         [
             format!("{}inventory", self.queue_prefix),
             format!("{}payment-timeouts", self.queue_prefix),
             format!("{}read-model", self.queue_prefix),
+            format!("{}payments", self.queue_prefix),
+            format!("{}order-confirm", self.queue_prefix),
+            format!("{}saga-replies", self.queue_prefix),
         ]
     }
 }
@@ -50,7 +64,14 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let [inventory_q, timeouts_q, read_model_q] = config.queues();
+    let [
+        inventory_q,
+        timeouts_q,
+        read_model_q,
+        payments_q,
+        confirm_q,
+        replies_q,
+    ] = config.queues();
     let ex = config.exchange.as_str();
     let base = |name: &str, queue: &str| {
         Consumer::builder(name)
@@ -61,16 +82,39 @@ pub async fn run(
             .prefetch(200)
             .concurrency(config.concurrency)
     };
+    let participant_retry = || {
+        RetryPolicy::exponential()
+            .max_attempts(30)
+            .min_delay(Duration::from_millis(100))
+            .max_delay(Duration::from_secs(2))
+    };
     let inventory = base("inventory", &inventory_q)
-        .bind(ex, events::ORDER_CREATED)
-        .bind(ex, events::ORDER_CANCELLED)
-        .retry(
-            RetryPolicy::exponential()
-                .max_attempts(8)
-                .min_delay(Duration::from_millis(200))
-                .max_delay(Duration::from_secs(5)),
-        )
-        .handler(ReserveStock)
+        .bind(ex, order_saga::RESERVE)
+        .bind(ex, order_saga::RELEASE)
+        .retry(participant_retry())
+        .handler(ParticipantHandler::new(Inventory))
+        .build()?;
+    let payments = base("payments", &payments_q)
+        .bind(ex, order_saga::CHARGE)
+        .bind(ex, order_saga::REFUND)
+        .retry(participant_retry())
+        .handler(ParticipantHandler::new(Payments {
+            client: PaymentClient::new(&config.gateway_url, config.payment_attempts),
+            exchange: config.exchange.clone(),
+        }))
+        .build()?;
+    let confirm = base("order-confirm", &confirm_q)
+        .bind(ex, order_saga::CONFIRM)
+        .retry(participant_retry())
+        .handler(ParticipantHandler::new(Confirm {
+            exchange: config.exchange.clone(),
+            notify_endpoint: config.notify_endpoint.clone(),
+        }))
+        .build()?;
+    let coordinator = base("saga-coordinator", &replies_q)
+        .bind(ex, order_saga::REPLY)
+        .retry(participant_retry())
+        .handler(Coordinator::new())
         .build()?;
     let timeouts = base("payment-timeouts", &timeouts_q)
         .bind(ex, events::PAYMENT_TIMEOUT)
@@ -100,7 +144,14 @@ pub async fn run(
         .build()?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    for consumer in [inventory, timeouts, read_model] {
+    for consumer in [
+        inventory,
+        timeouts,
+        read_model,
+        payments,
+        confirm,
+        coordinator,
+    ] {
         let token = shutdown.clone();
         tasks.spawn(async move { consumer.run(token).await });
     }

@@ -134,6 +134,14 @@ idempotency = {{ required = true, ttl_secs = 86400 }}
 lock = {{ key = "header:X-Order-Id", wait_ms = 500 }}
 retry = {{ attempts = 2, backoff_ms = 20, statuses = [502, 503] }}
 breaker = {{ failure_threshold = 50, open_ms = 500 }}
+[[routes]]
+prefix = "/refund"
+upstream = "http://127.0.0.1:{p_provider}"
+timeout_ms = 1000
+idempotency = {{ required = true, ttl_secs = 86400 }}
+lock = {{ key = "header:X-Order-Id", wait_ms = 500 }}
+retry = {{ attempts = 2, backoff_ms = 20, statuses = [502, 503] }}
+breaker = {{ failure_threshold = 50, open_ms = 500 }}
 "#,
             db = db.url
         ),
@@ -212,20 +220,13 @@ secret = "{secret}"
             &workers_addr,
             "--queue-prefix",
             &queue_prefix,
+            "--gateway-url",
+            &url(p_gateway),
         ]),
     );
-    let gateway_url = url(p_gateway);
     children.spawn(
         "api",
-        &mut example_cmd(&[
-            "api",
-            "--listen",
-            &api_addr,
-            "--gateway-url",
-            &gateway_url,
-            "--payment-timeout-ms",
-            "2000",
-        ]),
+        &mut example_cmd(&["api", "--listen", &api_addr, "--payment-timeout-ms", "2000"]),
     );
     for ready in [
         format!("{}/healthz", url(p_provider)),
@@ -263,9 +264,32 @@ secret = "{secret}"
     println!("{summary}");
     assert!(summary.failures.is_empty(), "invariants failed:\n{summary}");
     assert_eq!(summary.orders_created, 50);
-    assert_eq!(summary.paid + summary.timed_out, 50);
+    assert_eq!(
+        summary.paid + summary.timed_out + summary.refunded + summary.declined,
+        50,
+        "{summary}"
+    );
     assert!(summary.paid > 0 && summary.timed_out > 0, "{summary}");
-    assert_eq!(summary.charges, summary.paid as u64);
+    // The saga: some orders charged, then out of stock, then refunded exactly once.
+    assert!(
+        summary.refunded > 0,
+        "no order hit the stock limit: {summary}"
+    );
+    assert_eq!(summary.refunds_issued, summary.refunded as u64, "{summary}");
+    assert_eq!(
+        summary.charges,
+        (summary.paid + summary.refunded) as u64,
+        "{summary}"
+    );
+    assert_eq!(summary.sagas_stuck, 0, "{summary}");
+    assert_eq!(
+        summary.sagas_started,
+        summary.sagas_completed + summary.sagas_compensated,
+        "{summary}"
+    );
+    assert_eq!(summary.sagas_completed, summary.paid, "{summary}");
+    assert_eq!(summary.paid_and_reserved, summary.paid, "{summary}");
+    assert_eq!(summary.rejected, summary.refunded, "{summary}");
     assert!(summary.republished > 0);
     assert!(
         summary.duplicates_suppressed >= summary.republished,
@@ -277,6 +301,9 @@ secret = "{secret}"
         exchange,
         queue_prefix,
         concurrency: 1,
+        gateway_url: String::new(),
+        payment_attempts: 1,
+        notify_endpoint: String::new(),
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
