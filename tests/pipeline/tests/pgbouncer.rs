@@ -502,6 +502,7 @@ async fn pipeline_through_pgbouncer_transaction_mode_applies_everything_once() {
     gateway
         .arg("--config")
         .arg(&gateway_config)
+        .env_remove("GATEWAY_DATABASE_URL")
         .env("DATABASE_POOL_MODE", "transaction")
         .env("RUST_LOG", "error")
         .stdout(Stdio::null());
@@ -583,6 +584,9 @@ async fn pipeline_through_pgbouncer_transaction_mode_applies_everything_once() {
     notifier
         .arg("--config")
         .arg(&notifier_config)
+        // DATABASE_URL overrides the file: the suite's own (straight to PostgreSQL) must not
+        // reach the notifier.
+        .env("DATABASE_URL", &url)
         .env("DATABASE_POOL_MODE", "transaction")
         .env("RUST_LOG", "error")
         .stdout(Stdio::null());
