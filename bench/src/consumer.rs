@@ -304,17 +304,42 @@ async fn commit_ceiling(
     Ok(rate)
 }
 
-/// Runs the consumer scenario and records its figures.
-pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
-    let n = scale.pick(50_000, 1_000);
-    let secs = Duration::from_secs_f64(scale.pick(8.0, 0.5));
+/// consumer-lib draining `n` messages one per transaction, and the database's commit ceiling at
+/// the same concurrency over `secs`, on a database of their own: (library, ceiling), msg/s.
+pub async fn library_vs_ceiling(n: usize, secs: Duration) -> anyhow::Result<(f64, f64)> {
     let db = integration_tests::fresh_db().await;
+    create_effects(&db).await?;
+    let connection = broker::connect().await?;
+    let channel = connection.create_channel().await?;
+    let queue = integration_tests::unique_name("bench_consume");
+    broker::declare_queue(&channel, &queue).await?;
+    prefill(&connection, &queue, n).await?;
+    eprintln!("# phase library");
+    let library = library_drain(&db, &queue, n as u64, 1).await?;
+    broker::delete_queue(&channel, &queue).await?;
+    eprintln!("# phase db_ceiling");
+    let ceiling = commit_ceiling(&db, 1, secs).await?;
+    eprintln!("# phase idle");
+    let _ = connection.close(200, "done".into()).await;
+    Ok((library, ceiling))
+}
+
+async fn create_effects(db: &integration_tests::TestDb) -> anyhow::Result<()> {
     sqlx::query(
         "CREATE TABLE bench_effects (id bigserial PRIMARY KEY, message_id bigint NOT NULL, \
          applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .execute(&db.pool)
     .await?;
+    Ok(())
+}
+
+/// Runs the consumer scenario and records its figures.
+pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    let n = scale.pick(50_000, 1_000);
+    let secs = Duration::from_secs_f64(scale.pick(8.0, 0.5));
+    let db = integration_tests::fresh_db().await;
+    create_effects(&db).await?;
     let connection = broker::connect().await?;
     let channel = connection.create_channel().await?;
 

@@ -12,6 +12,8 @@
 //!   ceiling at the same concurrency; what batching several messages per commit gives.
 //! - [`gateway`]: the gateway binary vs nginx `proxy_pass` and the upstream called directly;
 //!   idempotent POSTs on the PostgreSQL and Redis stores.
+//! - [`split`]: the producers' and the consumer's figures again with RabbitMQ on a core of its
+//!   own (`taskset`), as if the broker had its own host.
 //! - [`load`]: the whole pipeline as processes at 2,000 msg/s for two minutes: backlog over
 //!   time and peak memory of relay, consumer and gateway.
 //! - [`child`], [`upstream`], [`http_load`]: child processes, the HTTP upstream, and the HTTP
@@ -29,6 +31,7 @@ pub mod http_load;
 pub mod load;
 pub mod relay;
 pub mod report;
+pub mod split;
 pub mod steady;
 pub mod upstream;
 

@@ -142,22 +142,20 @@ async fn paced_latency(
     Ok(latencies)
 }
 
-/// Runs the steady-state scenario and records its figures.
-pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
-    let secs = scale.pick(Duration::from_secs(8), Duration::from_millis(500));
-    let rounds = scale.pick(2, 1);
-    let db = integration_tests::fresh_db().await;
-    setup(&db).await?;
-    let connection = broker::connect().await?;
-    let channel = connection.create_channel().await?;
-    let queue = integration_tests::unique_name("bench_steady");
-    broker::declare_queue(&channel, &queue).await?;
-
+/// The producers' commit rate as fast as they can with the relay (the `outbox-relay` binary)
+/// running and stopped, `rounds` alternating rounds of `secs` each: (running, stopped), tx/s.
+pub async fn commit_rates(
+    db: &integration_tests::TestDb,
+    channel: &lapin::Channel,
+    queue: &str,
+    secs: Duration,
+    rounds: u32,
+) -> anyhow::Result<(f64, f64)> {
     let (mut off, mut on) = (0.0, 0.0);
     // Phase marks for bench/scripts/cpu-split.py, which attributes CPU time per phase.
     for _ in 0..rounds {
         eprintln!("# phase relay_stopped");
-        off += max_rate(&db, &queue, secs).await?;
+        off += max_rate(db, queue, secs).await?;
         eprintln!("# phase idle");
         // The relay as deployed: the `outbox-relay` binary in its own process, so its work
         // competes with the producers for the machine, not for their async runtime. The next
@@ -166,20 +164,43 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         crate::wait_drained(&db.pool, Instant::now()).await?;
         relay.ensure_running()?;
         eprintln!("# phase relay_running");
-        on += max_rate(&db, &queue, secs).await?;
+        on += max_rate(db, queue, secs).await?;
         eprintln!("# phase idle");
         crate::wait_drained(&db.pool, Instant::now()).await?;
         relay.ensure_running()?;
         relay.stop().await?;
-        broker::purge(&channel, &queue).await?;
+        broker::purge(channel, queue).await?;
     }
+    Ok((on / f64::from(rounds), off / f64::from(rounds)))
+}
+
+/// A fresh database with the producers' table, and a durable queue for their messages.
+pub async fn prepare(
+    channel: &lapin::Channel,
+) -> anyhow::Result<(integration_tests::TestDb, String)> {
+    let db = integration_tests::fresh_db().await;
+    setup(&db).await?;
+    let queue = integration_tests::unique_name("bench_steady");
+    broker::declare_queue(channel, &queue).await?;
+    Ok((db, queue))
+}
+
+/// Runs the steady-state scenario and records its figures.
+pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    let secs = scale.pick(Duration::from_secs(8), Duration::from_millis(500));
+    let rounds = scale.pick(2, 1);
+    let connection = broker::connect().await?;
+    let channel = connection.create_channel().await?;
+    let (db, queue) = prepare(&channel).await?;
+
+    let (on, off) = commit_rates(&db, &channel, &queue, secs, rounds).await?;
     eprintln!("# phase latency");
     report.push(Figure::new(
         "producer_commit_rate_relay_running",
-        on / rounds as f64,
+        on,
         "tx/s",
         "relay_stopped",
-        off / rounds as f64,
+        off,
         Some(">= 0.85"),
     ));
 

@@ -94,3 +94,62 @@ async fn load_scenario_runs() {
         ],
     );
 }
+
+/// Named `fault_` so it runs in the single-threaded phase after every other test: it pins the
+/// machine's RabbitMQ and PostgreSQL to one core each while it runs, and must put them back.
+#[tokio::test]
+async fn fault_split_scenario_runs_and_restores_the_affinities() {
+    let mut report = Report::default();
+    bench::split::run(Scale::Smoke, &mut report).await.unwrap();
+    assert_figures(
+        &report,
+        &[
+            "shared_producer_commit_rate_relay_running",
+            "shared_consumer_inbox_drain",
+            "split_producer_commit_rate_relay_running",
+            "split_consumer_inbox_drain",
+            "split_vs_shared_relay_running_ratio",
+        ],
+    );
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let all: Vec<usize> = (0..cores).collect();
+    let postmaster = std::process::Command::new("pgrep")
+        .args(["-o", "-u", "postgres", "postgres"])
+        .output()
+        .unwrap();
+    let beam = std::process::Command::new("pgrep")
+        .args(["-u", "rabbitmq", "beam.smp"])
+        .output()
+        .unwrap();
+    for pid in [postmaster, beam]
+        .iter()
+        .flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .chain([std::process::id().to_string()])
+    {
+        let out = std::process::Command::new("taskset")
+            .args(["-cp", &pid])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(
+            cpu_list(line.rsplit(": ").next().unwrap_or("")),
+            all,
+            "process {pid} not back on all cores: {line}"
+        );
+    }
+}
+
+/// `taskset`'s affinity list (`0,1`, `0-3`, `0-1,4`) as the CPUs it names.
+fn cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse().unwrap()..=b.trim().parse().unwrap()).collect(),
+            None => vec![part.trim().parse().unwrap()],
+        })
+        .collect()
+}
