@@ -9,7 +9,7 @@
 //! ids, [`headers`] holds hop-by-hop and request-id handling, [`pool`] the keep-alive
 //! connections to upstreams, [`tls`] the trust for `https://` upstreams, [`metrics`] the
 //! Prometheus recorder. Idempotency records and locks live in PostgreSQL (schema `gateway`, migration
-//! `0003_gateway.sql` in `outbox::MIGRATOR`) or Redis, so gateways are stateless and any number
+//! `0003_gateway.sql` in `migrations::MIGRATOR`) or Redis, so gateways are stateless and any number
 //! can run side by side.
 #![warn(missing_docs)]
 
@@ -34,4 +34,4 @@ pub use config::{Config, ConfigError};
 pub use server::{Gateway, StartError, has_schema};
 
 /// The migrations that create the gateway's tables (all of the product's, in one set).
-pub use outbox::MIGRATOR;
+pub use migrations::MIGRATOR;

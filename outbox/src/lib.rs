@@ -35,9 +35,9 @@ pub use message::Message;
 
 use sqlx::{PgConnection, PgPool};
 
-/// Every table and function the product uses (outbox, inbox, gateway, prepared messages), as one
-/// ordered migration set. `outbox-relay migrate` applies it.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+/// The product's one migration set, re-exported from the `migrations` crate (where it lives) for
+/// producers that already depend on this one. `outbox-relay migrate` applies it.
+pub use migrations::MIGRATOR;
 
 /// The producer handle: holds an id node lease. Create one per process and share it (it is
 /// cheap to clone).
