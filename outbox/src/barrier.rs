@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde::Deserialize;
@@ -239,17 +239,8 @@ where
     })
 }
 
-fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        serde_json::json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-        })
-        .to_string(),
-    )
+fn problem(status: StatusCode, title: &'static str, detail: &'static str) -> Response {
+    http_common::Problem::new(status, title)
+        .detail(detail)
         .into_response()
 }

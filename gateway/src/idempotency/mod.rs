@@ -378,7 +378,7 @@ impl Drop for Settle {
                         status: p.status().as_u16(),
                         headers: vec![(
                             "content-type".into(),
-                            "application/problem+json".into(),
+                            http_common::problem::CONTENT_TYPE.into(),
                         )],
                         body: serde_json::to_vec(&p.body()).unwrap_or_default(),
                     };
