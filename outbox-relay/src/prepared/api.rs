@@ -26,6 +26,7 @@ use chrono::{DateTime, Utc};
 use outbox::MessageId;
 
 pub(crate) use crate::http::Problem;
+use outbox::prepared::wire::{IdBody, StatusBody};
 use outbox::prepared::{self, DecidedBy, Decision, PreparedError};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -352,7 +353,7 @@ async fn create(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/prepared/{id}"))],
-        Json(serde_json::json!({ "id": id.to_string() })),
+        Json(IdBody { id: id.to_string() }),
     )
         .into_response())
 }
@@ -374,10 +375,11 @@ async fn show(State(state): State<ApiState>, Path(raw): Path<String>) -> Result<
     let status = prepared::status(&mut *tx, id).await;
     tx.commit().await.map_err(PreparedError::from)?;
     let status = status?;
-    Ok(
-        Json(serde_json::json!({ "id": id.to_string(), "status": status.as_str() }))
-            .into_response(),
-    )
+    Ok(Json(StatusBody {
+        id: id.to_string(),
+        status,
+    })
+    .into_response())
 }
 
 async fn commit(
@@ -404,8 +406,9 @@ async fn decide(state: &ApiState, raw: &str, decision: Decision) -> Result<Respo
         "decision" => decision.as_str(), "by" => "producer")
     .increment(1);
     tracing::info!(message_id = %id, decision = decision.as_str(), "prepared message decided");
-    Ok(
-        Json(serde_json::json!({ "id": id.to_string(), "status": decision.as_str() }))
-            .into_response(),
-    )
+    Ok(Json(StatusBody {
+        id: id.to_string(),
+        status: decision.into(),
+    })
+    .into_response())
 }
