@@ -4,6 +4,7 @@
 //! has passed, exactly one request goes through as a probe (half-open); its success closes the
 //! breaker, its failure opens it again.
 
+use serde::Deserialize;
 use std::{
     convert::Infallible,
     sync::{Arc, Mutex},
@@ -205,4 +206,52 @@ impl Drop for ProbeGuard {
             self.breaker.record(None, true);
         }
     }
+}
+
+/// `breaker = { ... }` of a route (shared by every route with the same upstream).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Turn the breaker off.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Consecutive failures (5xx, unreachable, timeout) that open it.
+    #[serde(default = "default_failures")]
+    pub failure_threshold: u32,
+    /// How long it stays open before one probe is let through.
+    #[serde(default = "default_open_ms")]
+    pub open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: default_failures(),
+            open_ms: default_open_ms(),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Checks the table at key `at` (`routes[0].breaker`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        if self.enabled && (self.failure_threshold == 0 || self.open_ms == 0) {
+            return Err(crate::config::invalid(
+                at,
+                "failure_threshold and open_ms must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_failures() -> u32 {
+    5
+}
+fn default_open_ms() -> u64 {
+    10_000
 }

@@ -1,8 +1,12 @@
 //! The outbound gateway: an axum reverse proxy in front of external APIs whose tower layers make
 //! calls idempotent, serialised per resource and resilient.
 //!
-//! Layout: [`config`] reads and validates the TOML file; [`server`] connects the stores, builds
-//! one tower stack per route and serves it. A route's stack, top to bottom, is
+//! Layout: [`config`] reads the TOML file and checks the top level and the routes, and each
+//! layer's module defines and checks its own table (`idempotency::config`, `lock::config`,
+//! [`retry`], [`breaker`], [`limit`], [`caller`]); `routes` builds one tower stack per
+//! route and matches a path to its route; `front` is the handler every request meets first
+//! (caller, route, body bounds, request id) and the probes; [`server`] connects the stores,
+//! accepts and drains. A route's stack, top to bottom, is
 //! [`trace`] → [`limit`] (rate and concurrency) and [`breaker`] → [`timeout`] →
 //! [`idempotency`] → [`lock`] → [`retry`] → [`proxy`]. Every layer answers with a response
 //! (never an error): refusals are [`problem`] documents. [`caller`] maps bearer tokens to caller
@@ -16,6 +20,7 @@
 pub mod breaker;
 pub mod caller;
 pub mod config;
+mod front;
 pub mod headers;
 pub mod idempotency;
 pub mod limit;
@@ -25,6 +30,7 @@ pub mod pool;
 pub mod problem;
 pub mod proxy;
 pub mod retry;
+mod routes;
 pub mod server;
 pub mod timeout;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! requests in progress (503). Both are per gateway instance: with N gateways behind a load
 //! balancer the effective limits are N times the configured ones.
 
+use serde::Deserialize;
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -164,5 +165,30 @@ where
             };
             inner.call(req).await
         })
+    }
+}
+
+/// `rate_limit = { ... }` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per caller.
+    pub per_sec: f64,
+    /// Bucket size: requests allowed at once after a quiet period.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimitConfig {
+    /// Checks the table at key `at` (`routes[0].rate_limit`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if !(self.per_sec > 0.0 && self.per_sec.is_finite()) {
+            return Err(invalid(format!("{at}.per_sec"), "must be greater than 0"));
+        }
+        if self.burst == Some(0) {
+            return Err(invalid(format!("{at}.burst"), "must be greater than 0"));
+        }
+        Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! (a share of recent requests) keeps retries from multiplying load on a struggling upstream,
 //! and an upstream `Retry-After` is honoured when it fits in the route's backoff ceiling.
 
+use serde::Deserialize;
 use std::{
     convert::Infallible,
     sync::Arc,
@@ -18,7 +19,6 @@ use tower::{
 };
 
 use crate::{
-    config::RetryConfig,
     idempotency::KeyAttached,
     problem::{GatewayProblem, GatewayRequest, GatewayResponse, UpstreamOutcome},
 };
@@ -177,4 +177,69 @@ fn retry_after(resp: &GatewayResponse) -> Option<Duration> {
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// `retry = { ... }` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// First backoff; doubles per retry, with jitter.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    /// Longest wait, also the longest upstream `Retry-After` that is honoured.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+    /// Retries allowed as a percentage of requests (the budget).
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: f32,
+    /// Retries per second always allowed by the budget.
+    #[serde(default = "default_budget_min")]
+    pub budget_min_per_sec: u32,
+    /// Upstream statuses that are retried (an unreachable upstream always is).
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+}
+
+impl RetryConfig {
+    /// Checks the table at key `at` (`routes[0].retry`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if !(0.0..=1000.0).contains(&self.budget_percent) {
+            return Err(invalid(
+                format!("{at}.budget_percent"),
+                "must be between 0 and 1000",
+            ));
+        }
+        for (j, s) in self.statuses.iter().enumerate() {
+            if !(400..=599).contains(s) {
+                return Err(invalid(
+                    format!("{at}.statuses[{j}]"),
+                    "must be a 4xx or 5xx status",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> u64 {
+    100
+}
+fn default_max_backoff() -> u64 {
+    2_000
+}
+fn default_budget_percent() -> f32 {
+    20.0
+}
+fn default_budget_min() -> u32 {
+    10
+}
+fn default_retry_statuses() -> Vec<u16> {
+    vec![429, 502, 503, 504]
 }

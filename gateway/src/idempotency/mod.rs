@@ -7,6 +7,7 @@
 //! or the client went away) a guard settles the record in the background as the route says:
 //! a stored 504 or a released key.
 
+pub mod config;
 mod key;
 mod layer;
 pub mod postgres;

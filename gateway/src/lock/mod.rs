@@ -4,6 +4,7 @@
 //! long a dead gateway can block a resource; the token lets the upstream refuse a holder whose
 //! lease ran out during a pause (the upstream must check it for that guarantee).
 
+pub mod config;
 mod key;
 mod layer;
 pub mod store;
