@@ -22,7 +22,10 @@
 
 pub mod actions;
 pub mod csrf;
+mod html;
 pub mod pages;
+mod publishing;
+mod sections;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
