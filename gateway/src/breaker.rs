@@ -6,18 +6,16 @@
 
 use serde::Deserialize;
 use std::{
-    convert::Infallible,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use http::StatusCode;
 use tower::{Layer, Service};
 
-use crate::problem::{GatewayRequest, GatewayResponse, Problem, UpstreamOutcome};
+use crate::layer::{Inner, layer_service_types, take_ready};
+use crate::problem::{GatewayRequest, Problem, UpstreamOutcome};
 
 #[derive(Debug)]
 enum State {
@@ -141,25 +139,11 @@ pub struct CircuitBreaker<S> {
     breaker: Arc<Breaker>,
 }
 
-impl<S> Service<GatewayRequest> for CircuitBreaker<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for CircuitBreaker<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let breaker = self.breaker.clone();
         Box::pin(async move {
             let probe = match breaker.admit() {

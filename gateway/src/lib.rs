@@ -9,7 +9,8 @@
 //! accepts and drains. A route's stack, top to bottom, is
 //! [`trace`] → [`limit`] (rate and concurrency) and [`breaker`] → [`timeout`] →
 //! [`idempotency`] → [`lock`] → [`retry`] → [`proxy`]. Every layer answers with a response
-//! (never an error): refusals are [`problem`] documents. [`caller`] maps bearer tokens to caller
+//! (never an error): refusals are [`problem`] documents; [`layer`] holds what their `Service`
+//! impls share. [`caller`] maps bearer tokens to caller
 //! ids, [`headers`] holds hop-by-hop and request-id handling, [`pool`] the keep-alive
 //! connections to upstreams, [`tls`] the trust for `https://` upstreams, [`metrics`] the
 //! Prometheus recorder. Idempotency records and locks live in PostgreSQL (schema `gateway`, migration
@@ -23,6 +24,7 @@ pub mod config;
 mod front;
 pub mod headers;
 pub mod idempotency;
+pub mod layer;
 pub mod limit;
 pub mod lock;
 pub mod metrics;

@@ -5,21 +5,19 @@
 use serde::Deserialize;
 use std::{
     collections::HashMap,
-    convert::Infallible,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Instant,
 };
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use http::StatusCode;
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     caller::Caller,
-    problem::{GatewayRequest, GatewayResponse, Problem},
+    problem::{GatewayRequest, Problem},
 };
 
 struct Bucket {
@@ -104,25 +102,11 @@ pub struct Limits<S> {
     layer: LimitLayer,
 }
 
-impl<S> Service<GatewayRequest> for Limits<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Limits<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let layer = self.layer.clone();
         Box::pin(async move {
             if let Some(rate) = &layer.rate {

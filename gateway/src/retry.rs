@@ -5,19 +5,17 @@
 
 use serde::Deserialize;
 use std::{
-    convert::Infallible,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use futures::future::BoxFuture;
 use http::{StatusCode, header};
 use tower::{
     Layer, Service, ServiceExt,
     retry::budget::{Budget, TpsBudget},
 };
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     idempotency::KeyAttached,
     problem::{GatewayProblem, GatewayRequest, GatewayResponse, UpstreamOutcome},
@@ -94,25 +92,11 @@ pub struct Retry<S> {
     settings: Arc<RetrySettings>,
 }
 
-impl<S> Service<GatewayRequest> for Retry<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Retry<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let settings = self.settings.clone();
         Box::pin(async move {
             settings.budget.deposit();

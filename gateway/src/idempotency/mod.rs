@@ -14,14 +14,9 @@ pub mod postgres;
 pub mod redis;
 pub mod store;
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{body::Body, response::IntoResponse};
-use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tower::Service;
@@ -31,6 +26,7 @@ pub use key::{MAX_KEY_LEN, fingerprint, parse_sf_string, upstream_key};
 pub use layer::IdempotencyLayer;
 pub use store::{Begin, RecordSpec, RecordStore, StoreError, StoredResponse};
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     caller::Caller,
     config::{OutcomePolicy, RouteConfig},
@@ -101,26 +97,11 @@ pub struct Idempotency<S> {
     store: RecordStore,
 }
 
-impl<S> Service<GatewayRequest> for Idempotency<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Idempotency<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        // Use the instance poll_ready made ready; leave a fresh clone behind for the next call.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let settings = self.settings.clone();
         let store = self.store.clone();
         Box::pin(async move { Ok(handle(inner, settings, store, req).await) })
