@@ -1,5 +1,6 @@
-//! The validated settings of a consumer: what [`ConsumerBuilder::build`](crate::ConsumerBuilder::build)
-//! produces and every running part reads. Nothing here imports another module of the consumer.
+//! The validated settings of a consumer: what
+//! [`ConsumerBuilder::build`](crate::ConsumerBuilder::build) produces and every running part
+//! reads. Nothing here imports another module of the consumer.
 
 use std::time::Duration;
 

@@ -6,7 +6,8 @@
 //! - [`publish`]: the broker side: pipelined publishes with confirms, one outcome per message.
 //! - `trace`: the `outbox.publish` span of a traced message, and the `traceparent` it sends.
 //! - [`relay`]: workers looping claim → publish → settle, wake-up, reconnects, shutdown.
-//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`] and [`metrics`]: `/healthz`, `/readyz`, `/metrics`; `http` also holds the
+//!   problem document every relay API answers errors with (the shared `http_common::Problem`).
 //! - [`admin`]: `status` and the dead-letter commands.
 //! - [`prepared`]: two-phase messages: the API, check-back, its schedule in SQL, the per-host
 //!   rate and the operator's side.

@@ -4,9 +4,9 @@
 //! The business transaction records [`record_commit`] for the message id, in the producer's own
 //! database, next to its business rows: the record exists if and only if the business change
 //! committed. The check handler (`check_handler`, feature `check-handler`) answers the
-//! relay's check from that table. Finding no
-//! record, it does not guess "pending": it inserts `rolled_back` first (`INSERT .. ON CONFLICT
-//! DO NOTHING`, then reads back). The primary key makes the two inserts exclusive:
+//! relay's check from that table. Finding no record, it does not guess "pending": it inserts
+//! `rolled_back` first (`INSERT .. ON CONFLICT DO NOTHING`, then reads back). The primary key
+//! makes the two inserts exclusive:
 //!
 //! - the business transaction committed first: the handler's insert does nothing, it reads
 //!   `committed`;
@@ -17,10 +17,14 @@
 //!   too and the business change never happens without its message.
 //!
 //! ```no_run
-//! # async fn demo(orders: sqlx::PgPool, outbox_db: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(
+//! #     orders: sqlx::PgPool,
+//! #     outbox_db: sqlx::PgPool,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox::{Message, barrier, prepared};
 //! let msg = Message::new("orders", "order.created", b"{}".to_vec());
-//! let p = prepared::prepare(&outbox_db, &msg, Some("http://orders.internal:8080/outbox/check")).await?;
+//! let check_url = "http://orders.internal:8080/outbox/check";
+//! let p = prepared::prepare(&outbox_db, &msg, Some(check_url)).await?;
 //! let mut tx = orders.begin().await?;
 //! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
 //! barrier::record_commit(&mut tx, p.id()).await?;

@@ -3,18 +3,18 @@
 //! For a producer whose business change does not commit in the outbox database (another
 //! database, an external system), a message cannot ride in the same transaction. Instead:
 //!
-//! 1. [`prepare`] the message (or `Client::prepare` over the relay's HTTP API, feature `client`): it is stored
-//!    but not published, and gets its final [`MessageId`];
+//! 1. [`prepare`] the message (or `Client::prepare` over the relay's HTTP API, feature
+//!    `client`): it is stored but not published, and gets its final [`MessageId`];
 //! 2. do the business change, recording the decision with [`crate::barrier::record_commit`]
 //!    inside that business transaction;
 //! 3. [`Prepared::commit`] (or [`Prepared::rollback`]): commit moves the message into the
 //!    outbox, with its id kept, and the relay publishes it.
 //!
 //! If step 3 never arrives (the producer died), the relay asks the producer's `check_url`
-//! (`GET {check_url}?message_id=ID`, see `barrier::check_handler`, feature `check-handler`) and decides from
-//! the answer, or parks the message as unresolved for an operator. A decision is final: commit
-//! and rollback are idempotent, and the one that comes second after the other is refused with
-//! [`PreparedError::Conflict`].
+//! (`GET {check_url}?message_id=ID`, see `barrier::check_handler`, feature `check-handler`)
+//! and decides from the answer, or parks the message as unresolved for an operator. A decision
+//! is final: commit and rollback are idempotent, and the one that comes second after the other
+//! is refused with [`PreparedError::Conflict`].
 //!
 //! The layout, one concept a file:
 //!
