@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
         .context("connect to DATABASE_URL")?;
     // The example applies the product's migrations itself so it runs on an empty database;
     // a real service leaves that to `outbox-relay migrate`.
-    outbox::MIGRATOR
+    migrations::MIGRATOR
         .run(&pool)
         .await
         .context("apply migrations")?;

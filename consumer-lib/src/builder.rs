@@ -7,35 +7,12 @@ use lapin::ExchangeKind;
 use sqlx::PgPool;
 
 use crate::broker::{BrokerUrls, UrlError};
+use crate::config::Config;
 use crate::consumer::Consumer;
 use crate::handler::{Handler, PlainHandler};
 use crate::metrics::Metrics;
 use crate::process::{AfterCommit, Process, WithInbox, WithoutInbox};
 use crate::{Error, RetryPolicy};
-
-/// Everything a running consumer needs to know, after validation.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub name: String,
-    pub amqp_urls: BrokerUrls,
-    pub queue: String,
-    pub exchanges: Vec<(String, ExchangeKind)>,
-    pub bindings: Vec<(String, String)>,
-    pub quorum: bool,
-    pub single_active_consumer: bool,
-    pub prefetch: u16,
-    pub concurrency: usize,
-    pub batch_size: usize,
-    pub ordered: bool,
-    pub retry: RetryPolicy,
-    pub dead_letter_queue: bool,
-    pub delay_prefix: String,
-    pub inbox_retention: Duration,
-    pub purge_interval: Duration,
-    pub purge_batch: i64,
-    pub shutdown_grace: Duration,
-    pub uses_inbox: bool,
-}
 
 type MakeProcess = Box<dyn FnOnce(ProcessContext) -> Arc<dyn Process> + Send>;
 
@@ -441,4 +418,13 @@ fn check_name(field: &'static str, value: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+impl Consumer {
+    /// Starts a builder for the consumer called `name`. The name keys the inbox rows, so two
+    /// services consuming the same messages need different names; instances of one service
+    /// share theirs.
+    pub fn builder(name: impl Into<String>) -> ConsumerBuilder {
+        ConsumerBuilder::new(name.into())
+    }
 }

@@ -10,12 +10,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Connector;
-use crate::builder::{Config, ConsumerBuilder};
+use crate::config::Config;
+use crate::context::Shared;
 use crate::delay::DelayCascade;
 use crate::metrics::Metrics;
 use crate::process::Process;
 use crate::session::{self, End};
-use crate::settle::Shared;
 use crate::{Error, inbox};
 
 /// A configured consumer. Build one with [`Consumer::builder`], then [`Consumer::run`] it.
@@ -33,13 +33,6 @@ impl std::fmt::Debug for Consumer {
 }
 
 impl Consumer {
-    /// Starts a builder for the consumer called `name`. The name keys the inbox rows, so two
-    /// services consuming the same messages need different names; instances of one service
-    /// share theirs.
-    pub fn builder(name: impl Into<String>) -> ConsumerBuilder {
-        ConsumerBuilder::new(name.into())
-    }
-
     pub(crate) fn new(
         config: Config,
         pool: PgPool,

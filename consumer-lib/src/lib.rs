@@ -5,15 +5,21 @@
 //! recorded (consumer name, message id) in an inbox table; the library commits, and only then
 //! acks. A redelivered message finds its inbox row and is acked without running the handler.
 //!
-//! Layout, one concept per file:
-//! - [`builder`](ConsumerBuilder): every setting, validated once;
-//! - `consumer`: the [`Consumer`] and its reconnect loop; `session`: one broker connection
-//!   (declare, consume, dispatch, drain); `topology`: what is declared on the broker;
-//! - `process`: one attempt (decode, inbox row, handler, commit); `settle`: what follows an
-//!   attempt (ack, retry through the delay cascade, dead letter);
-//! - `ordered`: per-key lanes for ordered mode; [`delay`]: the durable delay cascade;
-//! - [`retry`](RetryPolicy): the backoff schedule; [`inbox`]: inbox rows and their purge;
-//!   [`dead_letter`]: the compensation log, listed and replayed by the `consumer-dead` CLI;
+//! Layout, one concept per file, each depending only on those listed before it:
+//! - `config`: the validated settings; [`builder`](ConsumerBuilder) validates every setting
+//!   once and makes them;
+//! - `context`: what the running parts share (`Shared` for the consumer's life, `Session` for
+//!   one broker connection);
+//! - `process`: one attempt (decode, inbox row, handler, commit);
+//! - `delivery`: what is done with a delivery on the broker (ack, requeue, a confirmed copy
+//!   with the failure headers); `settle`: what follows an attempt (ack, retry through the
+//!   delay cascade, dead letter);
+//! - `ordered`: per-key lanes for ordered mode; `session`: one broker connection (declare,
+//!   consume, dispatch, drain); `topology`: what is declared on the broker; `consumer`: the
+//!   [`Consumer`] and its reconnect loop;
+//! - [`delay`]: the durable delay cascade; [`retry`](RetryPolicy): the backoff schedule;
+//!   [`inbox`]: inbox rows and their purge; [`dead_letter`]: the compensation log, listed and
+//!   replayed by the `consumer-dead` CLI;
 //! - [`broker`]: the list of broker addresses and connecting to the first node that answers
 //!   (shared with the relay and `consumer-dead`);
 //! - [`handler`](Handler), [`message`](Message), [`error`](Error), [`headers`], [`metrics`].
@@ -21,9 +27,12 @@
 
 pub mod broker;
 mod builder;
+mod config;
 mod consumer;
+mod context;
 pub mod dead_letter;
 pub mod delay;
+mod delivery;
 mod error;
 mod handler;
 pub mod headers;

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use lapin::message::Delivery;
 use tokio_util::task::TaskTracker;
 
-use crate::settle::{self, Session, Shared};
+use crate::context::{Session, Shared};
+use crate::settle;
 
 #[derive(Default)]
 pub(crate) struct Lanes {

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Connector;
+use crate::context::{Session, Shared};
 use crate::ordered::Lanes;
-use crate::settle::{self, Session, Shared};
+use crate::settle;
 use crate::{Error, topology};
 
 /// How a session ended.

@@ -5,54 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::Acker;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Acker, BasicProperties, Channel, Confirmation};
-use sqlx::PgPool;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::Error;
-use crate::builder::Config;
+use crate::context::{Session, Shared};
 use crate::dead_letter::{self, DeadReason};
 use crate::delay::DelayCascade;
-use crate::headers;
-use crate::message::{
-    ATTEMPTS_HEADER, Envelope, LAST_ERROR_HEADER, ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-};
-use crate::metrics::Metrics;
-use crate::process::{Batch, Failure, Outcome, Process};
+use crate::delivery::{ack, failed_copy, parse, publish_confirmed, requeue_later};
+use crate::message::Envelope;
+use crate::process::{Batch, Failure, Outcome};
 use crate::topology;
-
-/// What every delivery task shares for the consumer's whole life.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub pool: PgPool,
-    pub process: Arc<dyn Process>,
-    pub metrics: Metrics,
-    pub cascade: DelayCascade,
-    /// Bounds handlers running at once across the consumer.
-    pub running: Semaphore,
-}
-
-/// One broker connection's worth of state.
-pub(crate) struct Session {
-    /// A channel in confirm mode for retries and dead letters.
-    pub publish: Channel,
-    /// Cancelled when the session ends (shutdown or lost connection): deliveries not yet
-    /// started are left unacked, for the broker to requeue.
-    pub stop: CancellationToken,
-    /// Cancelled when the connection is lost (not on shutdown): broker replies still awaited
-    /// will never come.
-    pub lost: CancellationToken,
-}
-
-const MAX_ERROR_HEADER_BYTES: usize = 1000;
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Decision {
     Retry,
@@ -73,19 +36,6 @@ fn decide(kind: Failure, failed: u32, max_attempts: u32) -> Decision {
 pub(crate) async fn handle(shared: Arc<Shared>, session: Arc<Session>, delivery: Delivery) {
     let (envelope, acker) = parse(delivery);
     alone(&shared, &session, envelope, acker, Permit::Acquire).await;
-}
-
-fn parse(delivery: Delivery) -> (Envelope, Acker) {
-    let Delivery {
-        exchange,
-        routing_key,
-        properties,
-        data,
-        acker,
-        ..
-    } = delivery;
-    let envelope = Envelope::parse(exchange.as_str(), routing_key.as_str(), properties, data);
-    (envelope, acker)
 }
 
 /// Whether a message run alone takes a slot of the consumer's concurrency or runs in one its
@@ -252,142 +202,6 @@ async fn run(
     }
 }
 
-async fn ack(session: &Session, acker: &Acker) {
-    // An ack issued just as the connection dies is never answered by lapin, and the session
-    // waits for this task before it reconnects: stop waiting once the session is lost (the
-    // broker requeues the message and the inbox skips it), and in any case after a while.
-    let acked = tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions::default()));
-    tokio::select! {
-        result = acked => match result {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => tracing::debug!("ack not sent: channel closed"),
-            Ok(Err(err)) => tracing::debug!(cause = %err, "ack failed: channel closed"),
-            Err(_) => tracing::debug!("ack not answered"),
-        },
-        _ = session.lost.cancelled() => tracing::debug!("ack abandoned: connection lost"),
-    }
-}
-
-/// Returns the message to the queue when it could not be retried or dead-lettered, after a
-/// pause so a persistent failure does not spin.
-async fn requeue_later(session: &Session, acker: &Acker) {
-    tokio::select! {
-        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        _ = session.stop.cancelled() => return,
-    }
-    // Requeue: the message goes back to the queue for another try.
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    let nacked = tokio::time::timeout(ACK_TIMEOUT, acker.nack(options));
-    tokio::select! {
-        result = nacked => match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => tracing::debug!(cause = %err, "nack failed: channel closed"),
-            Err(_) => tracing::debug!("nack not answered"),
-        },
-        _ = session.lost.cancelled() => tracing::debug!("nack abandoned: connection lost"),
-    }
-}
-
-fn truncated(text: &str) -> &str {
-    if text.len() <= MAX_ERROR_HEADER_BYTES {
-        return text;
-    }
-    let mut end = MAX_ERROR_HEADER_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-/// The properties of a copy of `envelope`: the producer's properties (no `user_id`, which the
-/// broker checks against our login, and no `expiration`, which would race the delay), the
-/// producer's headers, and ours.
-fn copy_properties(envelope: &Envelope, extra: FieldTable) -> BasicProperties {
-    let p = &envelope.properties;
-    let mut table = headers::without_death_headers(&envelope.headers);
-    for (k, v) in &extra {
-        table.insert(k.clone(), v.clone());
-    }
-    // Persistent: a retry or dead letter must survive a broker restart.
-    let mut out = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_headers(table);
-    if let Some(v) = p.message_id() {
-        out = out.with_message_id(v.clone());
-    }
-    if let Some(v) = p.content_type() {
-        out = out.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        out = out.with_content_encoding(v.clone());
-    }
-    if let Some(v) = p.correlation_id() {
-        out = out.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.timestamp() {
-        out = out.with_timestamp(*v);
-    }
-    if let Some(v) = p.kind() {
-        out = out.with_type(v.clone());
-    }
-    if let Some(v) = p.app_id() {
-        out = out.with_app_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        out = out.with_reply_to(v.clone());
-    }
-    if let Some(v) = p.priority() {
-        out = out.with_priority(*v);
-    }
-    out
-}
-
-fn long_string(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text.as_bytes()))
-}
-
-pub(crate) async fn publish_confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<(), Error> {
-    let publish = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            // Mandatory: an unroutable copy must fail here, not vanish, so the original stays
-            // unacked.
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .map_err(Error::broker("publish"))?;
-    // A confirm that never comes (a broker gone silent) must not pin the task: the session
-    // waits for its tasks before reconnecting.
-    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
-        .await
-        .map_err(|_| Error::Timeout {
-            context: "publish confirm",
-            limit: CONFIRM_TIMEOUT,
-        })?
-        .map_err(Error::broker("publish confirm"))?;
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        _ => Err(Error::NotConfirmed {
-            target: format!("{exchange}/{routing_key}"),
-        }),
-    }
-}
-
 async fn schedule_retry(
     shared: &Shared,
     session: &Session,
@@ -397,21 +211,7 @@ async fn schedule_retry(
     delay: Duration,
     acker: &Acker,
 ) {
-    let mut extra = FieldTable::default();
-    extra.insert(
-        ATTEMPTS_HEADER.into(),
-        AMQPValue::LongLongInt(i64::from(failed)),
-    );
-    extra.insert(
-        ORIGINAL_EXCHANGE_HEADER.into(),
-        long_string(&envelope.exchange),
-    );
-    extra.insert(
-        ORIGINAL_ROUTING_KEY_HEADER.into(),
-        long_string(&envelope.routing_key),
-    );
-    extra.insert(LAST_ERROR_HEADER.into(), long_string(truncated(error)));
-    let properties = copy_properties(envelope, extra);
+    let properties = failed_copy(envelope, failed, error, None);
     let routing_key = DelayCascade::routing_key(delay, &shared.config.queue);
     let entry = shared.cascade.entry_exchange();
     let published = tokio::select! {
@@ -484,22 +284,7 @@ async fn dead_letter(
         }
     }
     if config.dead_letter_queue {
-        let mut extra = FieldTable::default();
-        extra.insert(
-            ATTEMPTS_HEADER.into(),
-            AMQPValue::LongLongInt(i64::from(attempts)),
-        );
-        extra.insert(
-            ORIGINAL_EXCHANGE_HEADER.into(),
-            long_string(&envelope.exchange),
-        );
-        extra.insert(
-            ORIGINAL_ROUTING_KEY_HEADER.into(),
-            long_string(&envelope.routing_key),
-        );
-        extra.insert(LAST_ERROR_HEADER.into(), long_string(truncated(error)));
-        extra.insert("x-dead-reason".into(), long_string(reason.as_str()));
-        let properties = copy_properties(envelope, extra);
+        let properties = failed_copy(envelope, attempts, error, Some(reason));
         let queue = topology::dead_letter_queue(&config.queue);
         if let Err(err) =
             publish_confirmed(&session.publish, "", &queue, &envelope.data, properties).await

@@ -8,7 +8,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::Error;
-use crate::builder::Config;
+use crate::config::Config;
 use crate::delay::DelayCascade;
 
 /// The queue a consumer's dead letters go to when the dead-letter queue is on.

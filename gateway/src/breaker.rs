@@ -4,19 +4,18 @@
 //! has passed, exactly one request goes through as a probe (half-open); its success closes the
 //! breaker, its failure opens it again.
 
+use serde::Deserialize;
 use std::{
-    convert::Infallible,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use http::StatusCode;
 use tower::{Layer, Service};
 
-use crate::problem::{GatewayRequest, GatewayResponse, Problem, UpstreamOutcome};
+use crate::layer::{Inner, layer_service_types, take_ready};
+use crate::problem::{GatewayRequest, Problem, UpstreamOutcome};
 
 #[derive(Debug)]
 enum State {
@@ -140,25 +139,11 @@ pub struct CircuitBreaker<S> {
     breaker: Arc<Breaker>,
 }
 
-impl<S> Service<GatewayRequest> for CircuitBreaker<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for CircuitBreaker<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let breaker = self.breaker.clone();
         Box::pin(async move {
             let probe = match breaker.admit() {
@@ -205,4 +190,52 @@ impl Drop for ProbeGuard {
             self.breaker.record(None, true);
         }
     }
+}
+
+/// `breaker = { ... }` of a route (shared by every route with the same upstream).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Turn the breaker off.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Consecutive failures (5xx, unreachable, timeout) that open it.
+    #[serde(default = "default_failures")]
+    pub failure_threshold: u32,
+    /// How long it stays open before one probe is let through.
+    #[serde(default = "default_open_ms")]
+    pub open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: default_failures(),
+            open_ms: default_open_ms(),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Checks the table at key `at` (`routes[0].breaker`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        if self.enabled && (self.failure_threshold == 0 || self.open_ms == 0) {
+            return Err(crate::config::invalid(
+                at,
+                "failure_threshold and open_ms must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_failures() -> u32 {
+    5
+}
+fn default_open_ms() -> u64 {
+    10_000
 }

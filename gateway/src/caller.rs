@@ -1,12 +1,13 @@
 //! Who is calling: a bearer token from the config maps to a caller id, which scopes idempotency
 //! keys (two callers may use the same key without colliding) and labels metrics.
 
+use serde::Deserialize;
 use std::{collections::HashMap, sync::Arc};
 
 use http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 
-use crate::{config::CallerConfig, problem::Problem};
+use crate::problem::Problem;
 
 /// The caller of a request, put in its extensions by the front handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,4 +83,43 @@ impl Callers {
             .cloned()
             .ok_or_else(|| unauthorized("unknown bearer token"))
     }
+}
+
+/// One caller allowed to use the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerConfig {
+    /// Its id: scopes idempotency keys and labels metrics.
+    pub id: String,
+    /// The bearer token it presents in `Authorization: Bearer ...`.
+    pub token: String,
+}
+
+/// Checks the `[[callers]]` entries: printable ids, tokens of 8 characters or more, neither
+/// repeated.
+pub(crate) fn validate(callers: &[CallerConfig]) -> Result<(), crate::config::ConfigError> {
+    use crate::config::invalid;
+    let mut ids = std::collections::HashSet::new();
+    let mut tokens = std::collections::HashSet::new();
+    for (i, c) in callers.iter().enumerate() {
+        if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_graphic()) {
+            return Err(invalid(
+                format!("callers[{i}].id"),
+                "must be non-empty printable ASCII without spaces",
+            ));
+        }
+        if c.token.len() < 8 {
+            return Err(invalid(
+                format!("callers[{i}].token"),
+                "must be at least 8 characters",
+            ));
+        }
+        if !ids.insert(&c.id) {
+            return Err(invalid(format!("callers[{i}].id"), "duplicate caller id"));
+        }
+        if !tokens.insert(&c.token) {
+            return Err(invalid(format!("callers[{i}].token"), "duplicate token"));
+        }
+    }
+    Ok(())
 }

@@ -1,11 +1,22 @@
 //! The gateway's configuration: one TOML file, read once at start and validated before anything
 //! listens. Every table rejects unknown keys, and every error names the key it is about, so a
 //! typo such as `timout_ms` stops the gateway instead of silently falling back to a default.
+//!
+//! This file holds the top level and the route; each layer's own table (`idempotency`, `lock`,
+//! `retry`, `breaker`, `rate_limit`, `callers`) is defined and checked in that layer's module.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use serde::Deserialize;
+
+// Each layer's table lives with the layer that reads it; these are their old paths.
+pub use crate::breaker::BreakerConfig;
+pub use crate::caller::CallerConfig;
+pub use crate::idempotency::config::{IdempotencyConfig, OutcomePolicy};
+pub use crate::limit::RateLimitConfig;
+pub use crate::lock::config::LockConfig;
+pub use crate::retry::RetryConfig;
 
 /// A configuration that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +48,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         reason: reason.into(),
@@ -91,16 +102,6 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-/// One caller allowed to use the gateway.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CallerConfig {
-    /// Its id: scopes idempotency keys and labels metrics.
-    pub id: String,
-    /// The bearer token it presents in `Authorization: Bearer ...`.
-    pub token: String,
-}
-
 /// One route: a path prefix mapped onto one upstream.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,123 +142,6 @@ pub struct RouteConfig {
     pub max_concurrency: Option<usize>,
 }
 
-/// What happens to an idempotency record when the outcome is a server error or a timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OutcomePolicy {
-    /// Delete the record: the client may retry the key at once (the provider sees the same
-    /// upstream key and can dedupe).
-    #[default]
-    Release,
-    /// Keep the response: a retry with the key replays it.
-    Store,
-}
-
-/// `idempotency = { ... }` of a route.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdempotencyConfig {
-    /// A request with a covered method and no key is answered 400.
-    #[serde(default)]
-    pub required: bool,
-    /// How long a completed record is kept and replayed.
-    #[serde(default = "default_ttl")]
-    pub ttl_secs: u64,
-    /// How long an in-flight record blocks its key if the gateway handling it dies.
-    /// Must exceed the route's `timeout_ms`. Default: `timeout_ms` + 5000.
-    #[serde(default)]
-    pub lease_ms: Option<u64>,
-    /// Methods the key applies to.
-    #[serde(default = "default_idem_methods")]
-    pub methods: Vec<String>,
-    /// 5xx answers (from the upstream, or 502 when it cannot be reached).
-    #[serde(default)]
-    pub server_errors: OutcomePolicy,
-    /// The route timeout firing (504).
-    #[serde(default)]
-    pub timeouts: OutcomePolicy,
-    /// Largest upstream response that is stored; a larger one is answered 502 and released.
-    #[serde(default = "default_max_response")]
-    pub max_response_bytes: usize,
-}
-
-/// `lock = { ... }` of a route.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LockConfig {
-    /// `header:NAME`, `path:N` (0-based segment after the prefix) or `json:FIELD` (dots for nesting).
-    pub key: String,
-    /// How long to queue for the lock; 0 fails fast with 409.
-    #[serde(default)]
-    pub wait_ms: u64,
-    /// Lease of a held lock. Must exceed `timeout_ms`. Default: `timeout_ms` + 5000.
-    #[serde(default)]
-    pub lease_ms: Option<u64>,
-    /// Header carrying the fencing token upstream.
-    #[serde(default = "default_fencing_header")]
-    pub token_header: String,
-}
-
-/// `retry = { ... }` of a route.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Retries after the first attempt.
-    #[serde(default = "default_attempts")]
-    pub attempts: u32,
-    /// First backoff; doubles per retry, with jitter.
-    #[serde(default = "default_backoff")]
-    pub backoff_ms: u64,
-    /// Longest wait, also the longest upstream `Retry-After` that is honoured.
-    #[serde(default = "default_max_backoff")]
-    pub max_backoff_ms: u64,
-    /// Retries allowed as a percentage of requests (the budget).
-    #[serde(default = "default_budget_percent")]
-    pub budget_percent: f32,
-    /// Retries per second always allowed by the budget.
-    #[serde(default = "default_budget_min")]
-    pub budget_min_per_sec: u32,
-    /// Upstream statuses that are retried (an unreachable upstream always is).
-    #[serde(default = "default_retry_statuses")]
-    pub statuses: Vec<u16>,
-}
-
-/// `breaker = { ... }` of a route (shared by every route with the same upstream).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
-    /// Turn the breaker off.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// Consecutive failures (5xx, unreachable, timeout) that open it.
-    #[serde(default = "default_failures")]
-    pub failure_threshold: u32,
-    /// How long it stays open before one probe is let through.
-    #[serde(default = "default_open_ms")]
-    pub open_ms: u64,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            failure_threshold: default_failures(),
-            open_ms: default_open_ms(),
-        }
-    }
-}
-
-/// `rate_limit = { ... }` of a route.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitConfig {
-    /// Sustained requests per second per caller.
-    pub per_sec: f64,
-    /// Bucket size: requests allowed at once after a quiet period.
-    #[serde(default)]
-    pub burst: Option<u32>,
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -269,45 +153,6 @@ fn default_cleanup() -> u64 {
 }
 fn default_timeout() -> u64 {
     30_000
-}
-fn default_ttl() -> u64 {
-    86_400
-}
-fn default_idem_methods() -> Vec<String> {
-    vec!["POST".into(), "PATCH".into()]
-}
-fn default_max_response() -> usize {
-    1024 * 1024
-}
-fn default_fencing_header() -> String {
-    "Fencing-Token".into()
-}
-fn default_attempts() -> u32 {
-    2
-}
-fn default_backoff() -> u64 {
-    100
-}
-fn default_max_backoff() -> u64 {
-    2_000
-}
-fn default_budget_percent() -> f32 {
-    20.0
-}
-fn default_budget_min() -> u32 {
-    10
-}
-fn default_retry_statuses() -> Vec<u16> {
-    vec![429, 502, 503, 504]
-}
-fn default_true() -> bool {
-    true
-}
-fn default_failures() -> u32 {
-    5
-}
-fn default_open_ms() -> u64 {
-    10_000
 }
 
 impl Config {
@@ -379,28 +224,7 @@ impl Config {
         if self.cleanup_interval_secs == 0 {
             return Err(invalid("cleanup_interval_secs", "must be greater than 0"));
         }
-        let mut ids = std::collections::HashSet::new();
-        let mut tokens = std::collections::HashSet::new();
-        for (i, c) in self.callers.iter().enumerate() {
-            if c.id.is_empty() || !c.id.chars().all(|ch| ch.is_ascii_graphic()) {
-                return Err(invalid(
-                    format!("callers[{i}].id"),
-                    "must be non-empty printable ASCII without spaces",
-                ));
-            }
-            if c.token.len() < 8 {
-                return Err(invalid(
-                    format!("callers[{i}].token"),
-                    "must be at least 8 characters",
-                ));
-            }
-            if !ids.insert(&c.id) {
-                return Err(invalid(format!("callers[{i}].id"), "duplicate caller id"));
-            }
-            if !tokens.insert(&c.token) {
-                return Err(invalid(format!("callers[{i}].token"), "duplicate token"));
-            }
-        }
+        crate::caller::validate(&self.callers)?;
         if self.routes.is_empty() {
             return Err(invalid(
                 "routes",
@@ -478,91 +302,25 @@ impl RouteConfig {
                 )
             })?;
         }
+        // Each layer checks its own table, in the order of the stack.
         if let Some(idem) = &self.idempotency {
-            if idem.ttl_secs == 0 {
-                return Err(invalid(
-                    format!("{at}.idempotency.ttl_secs"),
-                    "must be greater than 0",
-                ));
-            }
-            if self.idempotency_lease_ms() <= self.timeout_ms {
-                return Err(invalid(
-                    format!("{at}.idempotency.lease_ms"),
-                    "must exceed the route's timeout_ms, or a live request could lose its record",
-                ));
-            }
-            if idem.ttl_secs * 1000 < self.idempotency_lease_ms() {
-                return Err(invalid(
-                    format!("{at}.idempotency.ttl_secs"),
-                    "must be at least the lease",
-                ));
-            }
-            for (j, m) in idem.methods.iter().enumerate() {
-                Method::from_bytes(m.as_bytes()).map_err(|_| {
-                    invalid(
-                        format!("{at}.idempotency.methods[{j}]"),
-                        "not an HTTP method",
-                    )
-                })?;
-            }
+            idem.validate(
+                &format!("{at}.idempotency"),
+                self.timeout_ms,
+                self.idempotency_lease_ms(),
+            )?;
         }
         if let Some(lock) = &self.lock {
-            crate::lock::LockKeySource::parse(&lock.key)
-                .map_err(|reason| invalid(format!("{at}.lock.key"), reason))?;
-            HeaderName::try_from(lock.token_header.as_str()).map_err(|_| {
-                invalid(format!("{at}.lock.token_header"), "not a valid header name")
-            })?;
-            if self.lock_lease_ms() <= self.timeout_ms {
-                return Err(invalid(
-                    format!("{at}.lock.lease_ms"),
-                    "must exceed the route's timeout_ms, or a live request could lose its lock",
-                ));
-            }
-            if lock.wait_ms >= self.timeout_ms {
-                return Err(invalid(
-                    format!("{at}.lock.wait_ms"),
-                    "must be below the route's timeout_ms",
-                ));
-            }
+            lock.validate(&format!("{at}.lock"), self.timeout_ms, self.lock_lease_ms())?;
         }
         if let Some(retry) = &self.retry {
-            if !(0.0..=1000.0).contains(&retry.budget_percent) {
-                return Err(invalid(
-                    format!("{at}.retry.budget_percent"),
-                    "must be between 0 and 1000",
-                ));
-            }
-            for (j, s) in retry.statuses.iter().enumerate() {
-                if !(400..=599).contains(s) {
-                    return Err(invalid(
-                        format!("{at}.retry.statuses[{j}]"),
-                        "must be a 4xx or 5xx status",
-                    ));
-                }
-            }
+            retry.validate(&format!("{at}.retry"))?;
         }
-        if let Some(b) = &self.breaker
-            && b.enabled
-            && (b.failure_threshold == 0 || b.open_ms == 0)
-        {
-            return Err(invalid(
-                format!("{at}.breaker"),
-                "failure_threshold and open_ms must be greater than 0",
-            ));
+        if let Some(b) = &self.breaker {
+            b.validate(&format!("{at}.breaker"))?;
         }
         if let Some(rl) = &self.rate_limit {
-            if !(rl.per_sec > 0.0 && rl.per_sec.is_finite()) {
-                return Err(invalid(
-                    format!("{at}.rate_limit.per_sec"),
-                    "must be greater than 0",
-                ));
-            }
-            if rl.burst == Some(0) {
-                return Err(invalid(
-                    format!("{at}.rate_limit.burst"),
-                    "must be greater than 0",
-                ));
-            }
+            rl.validate(&format!("{at}.rate_limit"))?;
         }
         if self.max_concurrency == Some(0) {
             return Err(invalid(

@@ -2,23 +2,22 @@
 //! requests in progress (503). Both are per gateway instance: with N gateways behind a load
 //! balancer the effective limits are N times the configured ones.
 
+use serde::Deserialize;
 use std::{
     collections::HashMap,
-    convert::Infallible,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Instant,
 };
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use http::StatusCode;
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     caller::Caller,
-    problem::{GatewayRequest, GatewayResponse, Problem},
+    problem::{GatewayRequest, Problem},
 };
 
 struct Bucket {
@@ -103,25 +102,11 @@ pub struct Limits<S> {
     layer: LimitLayer,
 }
 
-impl<S> Service<GatewayRequest> for Limits<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Limits<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let layer = self.layer.clone();
         Box::pin(async move {
             if let Some(rate) = &layer.rate {
@@ -164,5 +149,30 @@ where
             };
             inner.call(req).await
         })
+    }
+}
+
+/// `rate_limit = { ... }` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per caller.
+    pub per_sec: f64,
+    /// Bucket size: requests allowed at once after a quiet period.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimitConfig {
+    /// Checks the table at key `at` (`routes[0].rate_limit`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if !(self.per_sec > 0.0 && self.per_sec.is_finite()) {
+            return Err(invalid(format!("{at}.per_sec"), "must be greater than 0"));
+        }
+        if self.burst == Some(0) {
+            return Err(invalid(format!("{at}.burst"), "must be greater than 0"));
+        }
+        Ok(())
     }
 }

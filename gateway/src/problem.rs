@@ -5,7 +5,7 @@ use axum::{
     body::Body,
     response::{IntoResponse, Response},
 };
-use http::{HeaderValue, StatusCode, header};
+use http::StatusCode;
 
 /// The request and response types every layer of a route's stack speaks: the request body is
 /// already read (bounded by the size limit) so it can be fingerprinted, inspected for a lock key
@@ -29,41 +29,36 @@ pub enum UpstreamOutcome {
     Failure,
 }
 
-/// A problem document under construction.
+/// A gateway problem under construction: the shared problem document
+/// ([`http_common::Problem`], type `urn:problem:gateway:<kind>`) plus what the gateway's own
+/// layers read back from the response (its kind, and the upstream outcome when there is one).
 #[derive(Debug, Clone)]
 pub struct Problem {
-    status: StatusCode,
+    doc: http_common::Problem,
     kind: &'static str,
-    title: &'static str,
-    detail: Option<String>,
-    retry_after: Option<u64>,
     outcome: Option<UpstreamOutcome>,
-    www_authenticate: bool,
 }
 
 impl Problem {
     /// A problem with its status, a short machine kind (`idempotency-key-missing`) and a title.
     pub fn new(status: StatusCode, kind: &'static str, title: &'static str) -> Self {
         Self {
-            status,
+            doc: http_common::Problem::new(status, title)
+                .with_type(format!("urn:problem:gateway:{kind}")),
             kind,
-            title,
-            detail: None,
-            retry_after: None,
             outcome: None,
-            www_authenticate: false,
         }
     }
 
     /// Human explanation of this occurrence.
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
+        self.doc = self.doc.detail(detail);
         self
     }
 
     /// Adds `Retry-After` in whole seconds (at least 1).
     pub fn retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs.max(1));
+        self.doc = self.doc.retry_after(secs);
         self
     }
 
@@ -75,45 +70,24 @@ impl Problem {
 
     /// Adds `WWW-Authenticate: Bearer` (for 401).
     pub fn bearer_challenge(mut self) -> Self {
-        self.www_authenticate = true;
+        self.doc = self.doc.challenge("Bearer");
         self
     }
 
     /// The status.
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.doc.status()
     }
 
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
-        let mut doc = serde_json::json!({
-            "type": format!("urn:problem:gateway:{}", self.kind),
-            "title": self.title,
-            "status": self.status.as_u16(),
-        });
-        if let Some(d) = &self.detail {
-            doc["detail"] = serde_json::Value::String(d.clone());
-        }
-        doc
+        self.doc.body()
     }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
-        let mut resp = Response::new(Body::from(body));
-        *resp.status_mut() = self.status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(secs) = self.retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if self.www_authenticate {
-            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+        let mut resp = self.doc.into_response();
         resp.extensions_mut().insert(GatewayProblem(self.kind));
         if let Some(o) = self.outcome {
             resp.extensions_mut().insert(o);

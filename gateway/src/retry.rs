@@ -3,22 +3,20 @@
 //! (a share of recent requests) keeps retries from multiplying load on a struggling upstream,
 //! and an upstream `Retry-After` is honoured when it fits in the route's backoff ceiling.
 
+use serde::Deserialize;
 use std::{
-    convert::Infallible,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use futures::future::BoxFuture;
 use http::{StatusCode, header};
 use tower::{
     Layer, Service, ServiceExt,
     retry::budget::{Budget, TpsBudget},
 };
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
-    config::RetryConfig,
     idempotency::KeyAttached,
     problem::{GatewayProblem, GatewayRequest, GatewayResponse, UpstreamOutcome},
 };
@@ -94,25 +92,11 @@ pub struct Retry<S> {
     settings: Arc<RetrySettings>,
 }
 
-impl<S> Service<GatewayRequest> for Retry<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Retry<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let settings = self.settings.clone();
         Box::pin(async move {
             settings.budget.deposit();
@@ -177,4 +161,69 @@ fn retry_after(resp: &GatewayResponse) -> Option<Duration> {
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// `retry = { ... }` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// First backoff; doubles per retry, with jitter.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    /// Longest wait, also the longest upstream `Retry-After` that is honoured.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+    /// Retries allowed as a percentage of requests (the budget).
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: f32,
+    /// Retries per second always allowed by the budget.
+    #[serde(default = "default_budget_min")]
+    pub budget_min_per_sec: u32,
+    /// Upstream statuses that are retried (an unreachable upstream always is).
+    #[serde(default = "default_retry_statuses")]
+    pub statuses: Vec<u16>,
+}
+
+impl RetryConfig {
+    /// Checks the table at key `at` (`routes[0].retry`).
+    pub(crate) fn validate(&self, at: &str) -> Result<(), crate::config::ConfigError> {
+        use crate::config::invalid;
+        if !(0.0..=1000.0).contains(&self.budget_percent) {
+            return Err(invalid(
+                format!("{at}.budget_percent"),
+                "must be between 0 and 1000",
+            ));
+        }
+        for (j, s) in self.statuses.iter().enumerate() {
+            if !(400..=599).contains(s) {
+                return Err(invalid(
+                    format!("{at}.statuses[{j}]"),
+                    "must be a 4xx or 5xx status",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> u64 {
+    100
+}
+fn default_max_backoff() -> u64 {
+    2_000
+}
+fn default_budget_percent() -> f32 {
+    20.0
+}
+fn default_budget_min() -> u32 {
+    10
+}
+fn default_retry_statuses() -> Vec<u16> {
+    vec![429, 502, 503, 504]
 }

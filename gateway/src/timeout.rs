@@ -2,17 +2,13 @@
 //! upstream) must finish in time, else 504. Dropping the inner future is what cancels the
 //! upstream call; the layers below settle their records and locks in their drop guards.
 
-use std::{
-    convert::Infallible,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::time::Duration;
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
-use crate::problem::{self, GatewayRequest, GatewayResponse};
+use crate::layer::{Inner, layer_service_types};
+use crate::problem::{self, GatewayRequest};
 
 /// Adds [`Timeout`].
 #[derive(Debug, Clone, Copy)]
@@ -45,18 +41,8 @@ pub struct Timeout<S> {
     timeout: Duration,
 }
 
-impl<S> Service<GatewayRequest> for Timeout<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Timeout<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
         let fut = self.inner.call(req);

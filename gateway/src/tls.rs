@@ -1,79 +1,17 @@
-//! Trust for `https://` upstreams: the system's root store by default (what curl and most tools
-//! trust, including a corporate CA installed there), or the Mozilla roots built into the
-//! binary, plus an optional PEM file of extra CAs for a private provider endpoint.
+//! Trust for `https://` upstreams: the shared builder ([`http_common::tls`]) with the
+//! gateway's `tls_roots` and `tls_ca_file` settings, its errors as config errors.
 
 use std::path::Path;
 
-use rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, pem::PemObject},
-};
-use serde::Deserialize;
+pub use http_common::tls::TlsRoots;
+use rustls::ClientConfig;
 
 use crate::config::ConfigError;
 
-/// Which root certificates an `https://` upstream's certificate must chain to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsRoots {
-    /// The operating system's store.
-    #[default]
-    System,
-    /// The Mozilla roots compiled into the binary (for minimal images without a store).
-    Webpki,
-}
-
 /// Builds the client TLS configuration (TLS 1.2 and 1.3, ring).
 pub fn client_config(roots: TlsRoots, ca_file: Option<&Path>) -> Result<ClientConfig, ConfigError> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        TlsRoots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!(cause = %e, "some system root certificates could not be read");
-            }
-            let (added, _ignored) = store.add_parsable_certificates(found.certs);
-            if added == 0 && ca_file.is_none() {
-                tracing::warn!(
-                    "no system root certificates found: https upstreams will fail; set tls_roots = \"webpki\" or tls_ca_file"
-                );
-            }
-        }
-        TlsRoots::Webpki => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    if let Some(path) = ca_file {
-        let invalid = |reason: String| ConfigError::Invalid {
-            key: "tls_ca_file".into(),
-            reason,
-        };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                invalid(format!(
-                    "{} is not a PEM certificate file: {e}",
-                    path.display()
-                ))
-            })?;
-        if certs.is_empty() {
-            return Err(invalid(format!("{} holds no certificate", path.display())));
-        }
-        for cert in certs {
-            store
-                .add(cert)
-                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-        }
-    }
-    // The provider is named explicitly so the result does not depend on which rustls crypto
-    // features other crates in the build happen to enable.
-    let config =
-        ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::Invalid {
-                key: "tls_roots".into(),
-                reason: e.to_string(),
-            })?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-    Ok(config)
+    http_common::tls::client_config(roots, ca_file).map_err(|e| ConfigError::Invalid {
+        key: e.key.into(),
+        reason: e.reason,
+    })
 }

@@ -2,22 +2,17 @@
 //! that every inner layer logs under, and the request counters and latency histogram. The span
 //! continues the caller's W3C trace context when the request carries a `traceparent`.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
-use futures::future::BoxFuture;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::layer::{Inner, layer_service_types};
 use crate::{
     caller::Caller,
     headers::RequestId,
     metrics::RouteMetrics,
-    problem::{GatewayProblem, GatewayRequest, GatewayResponse},
+    problem::{GatewayProblem, GatewayRequest},
 };
 
 /// Adds [`Trace`].
@@ -53,18 +48,8 @@ pub struct Trace<S> {
     route: Arc<RouteMetrics>,
 }
 
-impl<S> Service<GatewayRequest> for Trace<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Trace<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
         let caller = req

@@ -11,9 +11,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
-use rustls::pki_types::{CertificateDer, pem::PemObject};
-use serde::Deserialize;
 
 use crate::Error;
 use crate::schedule::parse_retry_after;
@@ -27,59 +24,12 @@ const MAX_RESPONSE_BYTES: usize = 4096;
 /// The webhook HTTP client.
 pub type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Which root certificates an `https://` endpoint's certificate must chain to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsRoots {
-    /// The operating system's store.
-    #[default]
-    System,
-    /// The Mozilla roots compiled into the binary (minimal images without a store).
-    Webpki,
-}
+pub use http_common::tls::TlsRoots;
 
 /// Builds the client: `roots`, plus the PEM certificates in `ca_file` (a partner's private CA).
 pub fn client(roots: TlsRoots, ca_file: Option<&Path>) -> Result<WebhookClient, Error> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        TlsRoots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                tracing::warn!(cause = %e, "some system root certificates could not be read");
-            }
-            store.add_parsable_certificates(found.certs);
-        }
-        TlsRoots::Webpki => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    if let Some(path) = ca_file {
-        let bad = |reason: String| Error::invalid("tls_ca_file", reason);
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                bad(format!(
-                    "{}: not a PEM certificate file: {e}",
-                    path.display()
-                ))
-            })?;
-        if certs.is_empty() {
-            return Err(bad(format!("{} holds no certificate", path.display())));
-        }
-        for cert in certs {
-            store
-                .add(cert)
-                .map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        }
-    }
-    // The provider is named so the result does not depend on which rustls crypto features
-    // other crates in the build enable.
-    let tls = rustls::ClientConfig::builder_with_provider(
-        rustls::crypto::ring::default_provider().into(),
-    )
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::invalid("tls", e.to_string()))?
-    .with_root_certificates(store)
-    .with_no_client_auth();
+    let tls = http_common::tls::client_config(roots, ca_file)
+        .map_err(|e| Error::invalid(e.key, e.reason))?;
     let mut http = HttpConnector::new();
     // The HTTPS connector below decides the scheme; the inner connector must accept both.
     http.enforce_http(false);

@@ -12,7 +12,7 @@
 //! `application/problem+json` errors, see [`problem`]); [`config`] reads and validates the
 //! configuration; [`endpoint`] manages endpoints and secret rotation; [`metrics`] names the
 //! Prometheus series. The tables and SQL functions come from migration `0005_notifications.sql`
-//! in [`outbox::MIGRATOR`].
+//! in [`migrations::MIGRATOR`].
 #![warn(missing_docs)]
 
 pub mod api;
@@ -36,7 +36,7 @@ pub use send::{NewNotification, send, valid_traceparent};
 pub use worker::{Worker, WorkerConfig};
 
 /// The migrations that create the notifier's tables (all of the product's, in one set).
-pub use outbox::MIGRATOR;
+pub use migrations::MIGRATOR;
 
 /// Whether the notifier's tables exist on this database (migrations applied).
 pub async fn has_schema(pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {

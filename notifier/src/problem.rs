@@ -1,32 +1,28 @@
 //! Errors of the query API as RFC 9457 `application/problem+json` documents.
 
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
+use http::StatusCode;
 
-/// A problem answer.
+/// A problem answer: the shared problem document ([`http_common::Problem`]) with type
+/// `urn:problem:notifier:<kind>`; a 401 carries the `Bearer` challenge.
 #[derive(Debug, Clone)]
-pub struct Problem {
-    status: StatusCode,
-    kind: &'static str,
-    title: &'static str,
-    detail: Option<String>,
-}
+pub struct Problem(http_common::Problem);
 
 impl Problem {
     /// A problem with a status, a short machine kind and a title.
     pub fn new(status: StatusCode, kind: &'static str, title: &'static str) -> Self {
-        Problem {
-            status,
-            kind,
-            title,
-            detail: None,
-        }
+        let doc = http_common::Problem::new(status, title)
+            .with_type(format!("urn:problem:notifier:{kind}"));
+        Problem(if status == StatusCode::UNAUTHORIZED {
+            doc.challenge("Bearer")
+        } else {
+            doc
+        })
     }
 
     /// Adds the explanation of this occurrence.
-    pub fn detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
-        self
+    pub fn detail(self, detail: impl Into<String>) -> Self {
+        Problem(self.0.detail(detail))
     }
 
     /// 400 for a bad parameter, naming it.
@@ -57,23 +53,6 @@ impl Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let mut body = serde_json::json!({
-            "type": format!("urn:problem:notifier:{}", self.kind),
-            "title": self.title,
-            "status": self.status.as_u16(),
-        });
-        if let Some(d) = self.detail {
-            body["detail"] = serde_json::Value::String(d);
-        }
-        let mut resp = (self.status, body.to_string()).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
+        self.0.into_response()
     }
 }

@@ -86,3 +86,30 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         None => (StatusCode::NOT_FOUND, "metrics not installed").into_response(),
     }
 }
+
+/// The relay's error answers (the prepared-message, saga and dashboard APIs): the shared
+/// problem document ([`http_common::Problem`]) of type `about:blank`, always with a detail.
+#[derive(Debug)]
+pub(crate) struct Problem(http_common::Problem);
+
+impl Problem {
+    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Problem(http_common::Problem::new(status, title).detail(detail))
+    }
+
+    /// 422 for a request that parsed but cannot be accepted.
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request", detail)
+    }
+
+    /// Adds a `WWW-Authenticate` challenge.
+    pub(crate) fn challenge(self, challenge: &'static str) -> Self {
+        Problem(self.0.challenge(challenge))
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        self.0.into_response()
+    }
+}

@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             // sqlx's migrator holds a session advisory lock across its statements.
             mode.require_session("outbox-relay migrate")?;
             let pool = connect(&config, mode, 2).await?;
-            outbox::MIGRATOR
+            migrations::MIGRATOR
                 .run(&pool)
                 .await
                 .context("applying migrations")?;

@@ -5,7 +5,10 @@
 //! - [`id`]: globally unique 64-bit [`MessageId`]s from a node leased in the database, safe
 //!   against the clock moving backwards.
 //! - [`Outbox`] (this file): enqueue inside the caller's transaction; [`cancel`] by dedupe key.
-//! - [`prepared`] and [`barrier`]: two-phase messages decided later, with check-back.
+//! - [`prepared`]: two-phase messages decided later, with check-back: the SQL side, the wire
+//!   types both ends share, the [`barrier`] that answers a check, and behind features the
+//!   relay API's HTTP client (`client`) and the check endpoint for axum (`check-handler`).
+//!   Without those features the crate pulls in no HTTP crate.
 //! - [`error`]: the [`Error`] type.
 //! - [`pool`]: connecting through PgBouncer in transaction mode (`DATABASE_POOL_MODE`).
 //!
@@ -22,12 +25,15 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod barrier;
 pub mod error;
 pub mod id;
 pub mod message;
 pub mod pool;
 pub mod prepared;
+
+/// The producer's record of its decision, which answers the relay's check (also
+/// `prepared::barrier`).
+pub use prepared::barrier;
 
 pub use error::Error;
 pub use id::{Clock, IdGenerator, IdGeneratorConfig, ManualClock, MessageId, SystemClock};
@@ -35,9 +41,9 @@ pub use message::Message;
 
 use sqlx::{PgConnection, PgPool};
 
-/// Every table and function the product uses (outbox, inbox, gateway, prepared messages), as one
-/// ordered migration set. `outbox-relay migrate` applies it.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+/// The product's one migration set, re-exported from the `migrations` crate (where it lives) for
+/// producers that already depend on this one. `outbox-relay migrate` applies it.
+pub use migrations::MIGRATOR;
 
 /// The producer handle: holds an id node lease. Create one per process and share it (it is
 /// cheap to clone).

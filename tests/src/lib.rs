@@ -54,7 +54,7 @@ pub async fn fresh_db() -> TestDb {
         .connect(&url)
         .await
         .expect("connect to test database");
-    outbox::MIGRATOR
+    migrations::MIGRATOR
         .run(&pool)
         .await
         .expect("migrate test database");

@@ -7,20 +7,16 @@
 //! or the client went away) a guard settles the record in the background as the route says:
 //! a stored 504 or a released key.
 
+pub mod config;
 mod key;
 mod layer;
 pub mod postgres;
 pub mod redis;
 pub mod store;
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{body::Body, response::IntoResponse};
-use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tower::Service;
@@ -30,6 +26,7 @@ pub use key::{MAX_KEY_LEN, fingerprint, parse_sf_string, upstream_key};
 pub use layer::IdempotencyLayer;
 pub use store::{Begin, RecordSpec, RecordStore, StoreError, StoredResponse};
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     caller::Caller,
     config::{OutcomePolicy, RouteConfig},
@@ -100,26 +97,11 @@ pub struct Idempotency<S> {
     store: RecordStore,
 }
 
-impl<S> Service<GatewayRequest> for Idempotency<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Idempotency<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        // Use the instance poll_ready made ready; leave a fresh clone behind for the next call.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let settings = self.settings.clone();
         let store = self.store.clone();
         Box::pin(async move { Ok(handle(inner, settings, store, req).await) })
@@ -378,7 +360,7 @@ impl Drop for Settle {
                         status: p.status().as_u16(),
                         headers: vec![(
                             "content-type".into(),
-                            "application/problem+json".into(),
+                            http_common::problem::CONTENT_TYPE.into(),
                         )],
                         body: serde_json::to_vec(&p.body()).unwrap_or_default(),
                     };

@@ -4,6 +4,7 @@
 //! long a dead gateway can block a resource; the token lets the upstream refuse a holder whose
 //! lease ran out during a pause (the upstream must check it for that guarantee).
 
+pub mod config;
 mod key;
 mod layer;
 pub mod store;
@@ -11,12 +12,10 @@ pub mod store;
 use std::{
     convert::Infallible,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use axum::response::IntoResponse;
-use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, StatusCode};
 use tower::Service;
 
@@ -24,6 +23,7 @@ pub use key::LockKeySource;
 pub use layer::LockLayer;
 pub use store::{LockStore, Ticket};
 
+use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     config::RouteConfig,
     problem::{self, GatewayRequest, GatewayResponse, Problem},
@@ -71,25 +71,11 @@ pub struct Lock<S> {
     store: LockStore,
 }
 
-impl<S> Service<GatewayRequest> for Lock<S>
-where
-    S: Service<GatewayRequest, Response = GatewayResponse, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = GatewayResponse;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<GatewayResponse, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+impl<S: Inner> Service<GatewayRequest> for Lock<S> {
+    layer_service_types!();
 
     fn call(&mut self, req: GatewayRequest) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let settings = self.settings.clone();
         let store = self.store.clone();
         Box::pin(async move { Ok(handle(inner, settings, store, req).await) })

@@ -22,7 +22,10 @@
 
 pub mod actions;
 pub mod csrf;
+mod html;
 pub mod pages;
+mod publishing;
+mod sections;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -35,6 +38,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
+
+pub(crate) use crate::http::Problem;
 
 /// What the dashboard needs from the relay.
 pub struct Settings {
@@ -108,23 +113,8 @@ pub fn router(settings: Settings) -> Router {
         .with_state(state)
 }
 
-/// An `application/problem+json` answer.
-#[derive(Debug)]
-pub(crate) struct Problem {
-    status: StatusCode,
-    title: &'static str,
-    detail: String,
-}
-
 impl Problem {
-    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Problem {
-            status,
-            title,
-            detail: detail.into(),
-        }
-    }
-
+    /// 503 for a database or broker failure; the cause goes to the log, not to the browser.
     pub(crate) fn unavailable(err: impl std::fmt::Display) -> Self {
         tracing::error!(cause = %err, "dashboard request failed");
         Problem::new(
@@ -132,23 +122,6 @@ impl Problem {
             "unavailable",
             "the database or broker could not complete the request; retry later",
         )
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response()
     }
 }
 

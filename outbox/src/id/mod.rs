@@ -17,18 +17,18 @@
 //! error. [`Clock`] is injectable so all of this is tested without touching the system clock.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::Error;
+
+mod clock;
+pub use clock::{Clock, ManualClock, SystemClock};
 
 /// 2024-01-01T00:00:00Z in milliseconds since the Unix epoch.
 pub const EPOCH_MS: u64 = 1_704_067_200_000;
@@ -97,63 +97,6 @@ impl FromStr for MessageId {
     type Err = std::num::ParseIntError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         s.parse().map(MessageId)
-    }
-}
-
-/// A source of wall-clock time for id generation. Injectable so tests can move time backwards.
-pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
-    fn now_ms(&self) -> u64;
-    /// Waits `d` of this clock's time.
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(tokio::time::sleep(d))
-    }
-}
-
-/// A clock that only moves when told to; `sleep` advances it. For tests.
-#[derive(Debug, Clone)]
-pub struct ManualClock(Arc<AtomicU64>);
-
-impl ManualClock {
-    /// A clock reading `unix_ms`.
-    pub fn new(unix_ms: u64) -> Self {
-        ManualClock(Arc::new(AtomicU64::new(unix_ms)))
-    }
-    /// Sets the time (forwards or backwards).
-    pub fn set(&self, unix_ms: u64) {
-        self.0.store(unix_ms, Ordering::SeqCst);
-    }
-    /// The current reading.
-    pub fn now_ms_for_test(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// Moves the time forwards by `ms`.
-    pub fn advance(&self, ms: u64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        self.advance(d.as_millis().max(1) as u64);
-        Box::pin(std::future::ready(()))
     }
 }
 

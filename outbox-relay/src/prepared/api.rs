@@ -24,6 +24,9 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use outbox::MessageId;
+
+pub(crate) use crate::http::Problem;
+use outbox::prepared::wire::{IdBody, StatusBody};
 use outbox::prepared::{self, DecidedBy, Decision, PreparedError};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -57,51 +60,6 @@ pub fn router(pool: PgPool, token: Option<String>) -> Router {
         // Outermost: an unauthenticated request is refused before its body is read.
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
-}
-
-/// An `application/problem+json` response.
-pub(crate) struct Problem {
-    status: StatusCode,
-    title: &'static str,
-    detail: String,
-}
-
-impl Problem {
-    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
-        Problem {
-            status,
-            title,
-            detail: detail.into(),
-        }
-    }
-
-    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
-        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid request", detail)
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        let mut resp = (
-            self.status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
-            body.to_string(),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"outbox-relay\""),
-            );
-        }
-        resp
-    }
 }
 
 impl From<PreparedError> for Problem {
@@ -155,6 +113,7 @@ pub(crate) async fn authenticate(
                     "unauthorized",
                     "the bearer token is not valid",
                 )
+                .challenge(BEARER_CHALLENGE)
                 .into_response();
             }
             None => {
@@ -163,12 +122,16 @@ pub(crate) async fn authenticate(
                     "unauthorized",
                     "an `Authorization: Bearer <token>` header is required",
                 )
+                .challenge(BEARER_CHALLENGE)
                 .into_response();
             }
         }
     }
     next.run(req).await
 }
+
+/// What a 401 from the API asks for.
+const BEARER_CHALLENGE: &str = "Bearer realm=\"outbox-relay\"";
 
 /// Compares without an early exit, so response time does not reveal how much of a guessed
 /// token was right.
@@ -390,7 +353,7 @@ async fn create(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/prepared/{id}"))],
-        Json(serde_json::json!({ "id": id.to_string() })),
+        Json(IdBody { id: id.to_string() }),
     )
         .into_response())
 }
@@ -412,10 +375,11 @@ async fn show(State(state): State<ApiState>, Path(raw): Path<String>) -> Result<
     let status = prepared::status(&mut *tx, id).await;
     tx.commit().await.map_err(PreparedError::from)?;
     let status = status?;
-    Ok(
-        Json(serde_json::json!({ "id": id.to_string(), "status": status.as_str() }))
-            .into_response(),
-    )
+    Ok(Json(StatusBody {
+        id: id.to_string(),
+        status,
+    })
+    .into_response())
 }
 
 async fn commit(
@@ -442,8 +406,9 @@ async fn decide(state: &ApiState, raw: &str, decision: Decision) -> Result<Respo
         "decision" => decision.as_str(), "by" => "producer")
     .increment(1);
     tracing::info!(message_id = %id, decision = decision.as_str(), "prepared message decided");
-    Ok(
-        Json(serde_json::json!({ "id": id.to_string(), "status": decision.as_str() }))
-            .into_response(),
-    )
+    Ok(Json(StatusBody {
+        id: id.to_string(),
+        status: decision.into(),
+    })
+    .into_response())
 }

@@ -3,9 +3,10 @@
 //!
 //! The business transaction records [`record_commit`] for the message id, in the producer's own
 //! database, next to its business rows: the record exists if and only if the business change
-//! committed. The [`check_handler`] answers the relay's check from that table. Finding no
-//! record, it does not guess "pending": it inserts `rolled_back` first (`INSERT .. ON CONFLICT
-//! DO NOTHING`, then reads back). The primary key makes the two inserts exclusive:
+//! committed. The check handler (`check_handler`, feature `check-handler`) answers the
+//! relay's check from that table. Finding no record, it does not guess "pending": it inserts
+//! `rolled_back` first (`INSERT .. ON CONFLICT DO NOTHING`, then reads back). The primary key
+//! makes the two inserts exclusive:
 //!
 //! - the business transaction committed first: the handler's insert does nothing, it reads
 //!   `committed`;
@@ -16,33 +17,31 @@
 //!   too and the business change never happens without its message.
 //!
 //! ```no_run
-//! # async fn demo(orders: sqlx::PgPool, outbox_db: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(
+//! #     orders: sqlx::PgPool,
+//! #     outbox_db: sqlx::PgPool,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox::{Message, barrier, prepared};
 //! let msg = Message::new("orders", "order.created", b"{}".to_vec());
-//! let p = prepared::prepare(&outbox_db, &msg, Some("http://orders.internal:8080/outbox/check")).await?;
+//! let check_url = "http://orders.internal:8080/outbox/check";
+//! let p = prepared::prepare(&outbox_db, &msg, Some(check_url)).await?;
 //! let mut tx = orders.begin().await?;
 //! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
 //! barrier::record_commit(&mut tx, p.id()).await?;
 //! tx.commit().await?;
 //! p.commit(&outbox_db).await?; // if this is lost, the check-back commits it
-//! // and in the producer's HTTP server:
-//! let app: axum::Router = axum::Router::new()
-//!     .route("/outbox/check", barrier::check_handler(orders.clone()));
-//! # let _ = app; Ok(()) }
+//! # Ok(()) }
 //! ```
 
 use std::time::Duration;
 
-use axum::extract::Query;
-use axum::extract::rejection::QueryRejection;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
-use serde::Deserialize;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
+#[cfg(feature = "check-handler")]
+pub use super::check_handler::check_handler;
+pub use super::wire::CheckAnswer;
+use super::{Decision, PreparedError};
 use crate::MessageId;
-use crate::prepared::{Decision, PreparedError};
 
 /// The barrier table, for a producer database that does not get the outbox migrations. Use one
 /// or the other: the outbox migration set creates the same table and refuses to run where this
@@ -121,25 +120,6 @@ pub async fn recorded<'e, E: PgExecutor<'e>>(
     }))
 }
 
-/// The answer to a check: the check protocol's `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckAnswer {
-    /// A decision is recorded (or was just recorded as rolled back).
-    Decided(Decision),
-    /// The business transaction is still open; ask again later.
-    Pending,
-}
-
-impl CheckAnswer {
-    /// The `status` value on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckAnswer::Decided(d) => d.as_str(),
-            CheckAnswer::Pending => "pending",
-        }
-    }
-}
-
 /// Answers a check for `id`: the recorded decision, or, finding none, records `rolled_back` and
 /// answers that. Waits at most `lock_wait` for an open business transaction that holds the key,
 /// then answers [`CheckAnswer::Pending`].
@@ -188,68 +168,4 @@ pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<u64, PreparedE
     .await?;
     tx.commit().await?;
     Ok(done.rows_affected())
-}
-
-#[derive(Deserialize)]
-struct CheckQuery {
-    message_id: Option<String>,
-}
-
-/// The check endpoint, ready to mount on any router:
-/// `.route("/outbox/check", barrier::check_handler(pool))`, where `pool` is the producer's
-/// business database (the one its transactions call [`record_commit`] in).
-///
-/// `GET ?message_id=ID` answers `200 {"status":"committed"|"rolled_back"|"pending"}`; a missing
-/// or malformed id gets 400, a database failure 503 (both `application/problem+json`; the relay
-/// treats them as failed checks and asks again).
-pub fn check_handler<S>(pool: PgPool) -> MethodRouter<S>
-where
-    S: Clone + Send + Sync + 'static,
-{
-    get(move |query: Result<Query<CheckQuery>, QueryRejection>| {
-        let pool = pool.clone();
-        async move {
-            let raw = query.ok().and_then(|Query(q)| q.message_id);
-            let Some(id) = raw.as_deref().and_then(|s| s.parse::<i64>().ok()) else {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "invalid message_id",
-                    "query parameter `message_id` must be a decimal message id",
-                );
-            };
-            match check(&pool, MessageId(id), DEFAULT_LOCK_WAIT).await {
-                Ok(answer) => {
-                    tracing::info!(message_id = id, status = answer.as_str(), "check answered");
-                    (
-                        StatusCode::OK,
-                        axum::Json(serde_json::json!({ "status": answer.as_str() })),
-                    )
-                        .into_response()
-                }
-                Err(err) => {
-                    tracing::error!(message_id = id, cause = %err, "check failed");
-                    problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "check failed",
-                        "the barrier table could not be read; ask again later",
-                    )
-                }
-            }
-        }
-    })
-}
-
-fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        serde_json::json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-        })
-        .to_string(),
-    )
-        .into_response()
 }
