@@ -96,7 +96,7 @@ impl Gateway {
                 if !has_schema(&pool).await.map_err(StartError::Database)? {
                     return Err(StartError::MissingSchema);
                 }
-                Some(pool)
+                Some((pool, mode))
             }
             _ => None,
         };
@@ -113,8 +113,8 @@ impl Gateway {
             _ => None,
         };
         let (records, locks) = match (&pg, &redis) {
-            (Some(pool), _) => (
-                RecordStore::Postgres(PgRecords::new(pool.clone())),
+            (Some((pool, mode)), _) => (
+                RecordStore::Postgres(PgRecords::with_mode(pool.clone(), *mode)),
                 LockStore::postgres(pool.clone()),
             ),
             (None, Some(conn)) => (
@@ -129,7 +129,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             routes,
             callers: Callers::new(&config.callers),
-            pg,
+            pg: pg.map(|(pool, _)| pool),
             redis,
         });
         Ok(Self {

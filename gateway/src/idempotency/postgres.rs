@@ -1,8 +1,19 @@
 //! Records in `gateway.idempotency_records` (migration 0003). Claiming is one upsert whose
 //! `WHERE` only lets it overwrite an expired record or an in-flight one whose lease ran out, so
 //! concurrent gateways agree on a single owner without any lock held across the upstream call.
+//!
+//! Durability: the claim commits before the upstream is called (lost, a retry would call the
+//! upstream again) and the completed response commits before the client gets it (lost, the
+//! record would fall back to `in_flight` and, once its lease ran out, let a retry call the
+//! upstream again): both are ordinary durable commits, two per request. Directly on PostgreSQL
+//! (or a session pooler) each is a single autocommit statement, one round trip; behind a
+//! transaction pooler (`DATABASE_POOL_MODE=transaction`) each runs in an explicit transaction,
+//! as `outbox::pool` requires there (a `BEGIN` and a `COMMIT` round trip more).
 
-use sqlx::{PgPool, Row};
+use outbox::pool::PoolMode;
+use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
+use sqlx::query::Query;
+use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::store::{Begin, RecordSpec, StoreError, StoredResponse};
@@ -11,23 +22,56 @@ use super::store::{Begin, RecordSpec, StoreError, StoredResponse};
 #[derive(Clone)]
 pub struct PgRecords {
     pool: PgPool,
+    mode: PoolMode,
 }
 
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
 impl PgRecords {
-    /// On a pool whose database has the `gateway` schema.
+    /// On a pool whose database has the `gateway` schema, every statement in an explicit
+    /// transaction (right for any [`PoolMode`]).
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self::with_mode(pool, PoolMode::Transaction)
+    }
+
+    /// The same, for a pool reached in `mode`: [`PoolMode::Session`] runs each write as one
+    /// autocommit statement.
+    pub fn with_mode(pool: PgPool, mode: PoolMode) -> Self {
+        Self { pool, mode }
+    }
+
+    /// One statement, committed on its own: autocommit in session mode, else in a transaction.
+    async fn fetch_optional(&self, query: PgQuery<'_>) -> Result<Option<PgRow>, sqlx::Error> {
+        if self.mode == PoolMode::Session {
+            return query.fetch_optional(&self.pool).await;
+        }
+        let mut tx = self.pool.begin().await?;
+        let row = query.fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn execute(&self, query: PgQuery<'_>) -> Result<PgQueryResult, sqlx::Error> {
+        if self.mode == PoolMode::Session {
+            return query.execute(&self.pool).await;
+        }
+        let mut tx = self.pool.begin().await?;
+        let done = query.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     pub(super) async fn begin(&self, spec: &RecordSpec) -> Result<Begin, StoreError> {
         // A row can vanish between the failed claim and the read (cleanup, a release): then the
-        // claim is simply tried again. Claim and read share one transaction: a statement with
-        // arguments outside one would break behind PgBouncer's transaction mode (outbox::pool).
+        // claim is simply tried again. The claim commits on its own (it must be durable before
+        // the upstream is called); the read after a refused claim needs no transaction of its
+        // own beyond what `outbox::pool` asks for behind a transaction pooler.
         for _ in 0..5 {
             let token = Uuid::new_v4();
-            let mut tx = self.pool.begin().await?;
-            let claimed = sqlx::query(
-                "INSERT INTO gateway.idempotency_records AS r
+            let claimed = self
+                .fetch_optional(
+                    sqlx::query(
+                        "INSERT INTO gateway.idempotency_records AS r
                      (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
                  VALUES ($1, $2, $3, $4, 'in_flight',
                          clock_timestamp() + $5::bigint * interval '1 millisecond',
@@ -42,32 +86,32 @@ impl PgRecords {
                     OR (r.state = 'in_flight' AND r.lease_until <= clock_timestamp()
                         AND r.fingerprint = EXCLUDED.fingerprint)
                  RETURNING token",
-            )
-            .bind(&spec.caller)
-            .bind(&spec.key)
-            .bind(&spec.fingerprint[..])
-            .bind(token)
-            .bind(spec.lease_ms as i64)
-            .bind(spec.settle_ms as i64)
-            .bind(spec.ttl_secs as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
+                    )
+                    .bind(&spec.caller)
+                    .bind(&spec.key)
+                    .bind(&spec.fingerprint[..])
+                    .bind(token)
+                    .bind(spec.lease_ms as i64)
+                    .bind(spec.settle_ms as i64)
+                    .bind(spec.ttl_secs as i64),
+                )
+                .await?;
             if claimed.is_some() {
-                tx.commit().await?;
                 return Ok(Begin::Started { token });
             }
-            let row = sqlx::query(
-                "SELECT fingerprint, state, status, headers, body,
+            let row = self
+                .fetch_optional(
+                    sqlx::query(
+                        "SELECT fingerprint, state, status, headers, body,
                         GREATEST(0, EXTRACT(EPOCH FROM (lease_until - clock_timestamp())) * 1000)::bigint AS lease_left_ms,
                         settle_by < clock_timestamp() AS unknown
                  FROM gateway.idempotency_records
                  WHERE caller = $1 AND key = $2 AND expires_at > clock_timestamp()",
-            )
-            .bind(&spec.caller)
-            .bind(&spec.key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            tx.commit().await?;
+                    )
+                    .bind(&spec.caller)
+                    .bind(&spec.key),
+                )
+                .await?;
             let Some(row) = row else { continue };
             let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
             if fingerprint != spec.fingerprint {
@@ -107,38 +151,38 @@ impl PgRecords {
         token: Uuid,
         response: &StoredResponse,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE gateway.idempotency_records
+        let done = self
+            .execute(
+                sqlx::query(
+                    "UPDATE gateway.idempotency_records
              SET state = 'completed', status = $4, headers = $5, body = $6,
                  lease_until = NULL, expires_at = clock_timestamp() + $7::bigint * interval '1 second'
              WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
-        )
-        .bind(&spec.caller)
-        .bind(&spec.key)
-        .bind(token)
-        .bind(response.status as i16)
-        .bind(response.headers_json())
-        .bind(&response.body)
-        .bind(spec.ttl_secs as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+                )
+                .bind(&spec.caller)
+                .bind(&spec.key)
+                .bind(token)
+                .bind(response.status as i16)
+                .bind(response.headers_json())
+                .bind(&response.body)
+                .bind(spec.ttl_secs as i64),
+            )
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
     pub(super) async fn release(&self, spec: &RecordSpec, token: Uuid) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "DELETE FROM gateway.idempotency_records
+        let done = self
+            .execute(
+                sqlx::query(
+                    "DELETE FROM gateway.idempotency_records
              WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
-        )
-        .bind(&spec.caller)
-        .bind(&spec.key)
-        .bind(token)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+                )
+                .bind(&spec.caller)
+                .bind(&spec.key)
+                .bind(token),
+            )
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
