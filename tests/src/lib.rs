@@ -3,6 +3,7 @@
 
 pub mod otlp;
 pub mod proxy;
+pub mod trace;
 
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 

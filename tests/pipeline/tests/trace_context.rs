@@ -2,31 +2,18 @@
 //! handler, exported over OTLP/HTTP to a receiver inside the test, with real PostgreSQL and
 //! RabbitMQ. Prints the span tree (run with `--nocapture` to see it).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use consumer_lib::{Consumer, Handler, HandlerError, Message};
-use integration_tests::otlp::{Receiver, Span, render_tree};
+use integration_tests::otlp::{Receiver, render_tree};
+use integration_tests::trace::{Relay, find, relay_binary, traceparent_ids, wait_for_queue};
 use integration_tests::{fresh_db, unique_name};
 use sqlx::PgTransaction;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Builds the relay binary (a no-op when it is fresh) and returns its path, so the test never
-/// runs a stale relay without this change.
-fn relay_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "outbox-relay"])
-        .status()
-        .expect("cargo build outbox-relay");
-    assert!(status.success());
-    dir.join("outbox-relay")
-}
 
 /// Records, per message, the `traceparent` it arrived with and that of the span the handler
 /// runs in.
@@ -49,63 +36,6 @@ impl Handler for Record {
             .execute(&mut **tx)
             .await?;
         Ok(())
-    }
-}
-
-async fn wait_for_queue(name: &str) {
-    let conn = lapin::Connection::connect(
-        &integration_tests::amqp_url(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        // A passive declare of a missing queue closes the channel: a new one per try.
-        let channel = conn.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                name.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        if declared.is_ok() {
-            let _ = conn.close(200, "ok".into()).await;
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never declared {name}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn find<'a>(spans: &'a [Span], trace_id: &str, name: &str) -> Option<&'a Span> {
-    spans
-        .iter()
-        .find(|s| s.trace_id == trace_id && s.name == name)
-}
-
-fn traceparent_ids(tp: &str) -> (String, String) {
-    let parts: Vec<&str> = tp.split('-').collect();
-    assert_eq!(parts.len(), 4, "traceparent {tp}");
-    assert_eq!(parts[0], "00", "traceparent version of {tp}");
-    (parts[1].to_owned(), parts[2].to_owned())
-}
-
-struct Relay(Child);
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
     }
 }
 
@@ -134,7 +64,7 @@ async fn one_trace_runs_from_producer_through_relay_to_consumer() {
         .unwrap();
     let stop = CancellationToken::new();
     let consuming = tokio::spawn(consumer.run(stop.clone()));
-    wait_for_queue(&queue).await;
+    wait_for_queue(&queue, WAIT).await;
 
     // The producer: a business span in which the message is enqueued and committed.
     let outbox = outbox::Outbox::new(db.pool.clone()).await.unwrap();
