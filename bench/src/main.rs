@@ -1,4 +1,4 @@
-//! `cargo run --release -p bench -- all|relay|latency|delayed|consumer|gateway|load`: prints one line per figure
+//! `cargo run --release -p bench -- all|relay|latency|delayed|consumer|gateway|load|peers`: prints one line per figure
 //! (`name value unit baseline ratio`) and writes `target/bench/results.json`.
 
 use bench::{Report, Scale};
@@ -25,6 +25,8 @@ enum Scenario {
     Gateway,
     /// Two minutes of the whole pipeline at 2,000 msg/s (issue 8's load run).
     Load,
+    /// Us vs peers installed from their registries (issue 17).
+    Peers,
 }
 
 #[tokio::main]
@@ -53,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if all || cli.scenario == Scenario::Load {
         bench::load::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Peers {
+        bench::peers::run(scale, &mut report).await?;
     }
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
