@@ -14,7 +14,8 @@
 //!   idempotent POSTs on the PostgreSQL and Redis stores.
 //! - [`load`]: the whole pipeline as processes at 2,000 msg/s for two minutes: backlog over
 //!   time and peak memory of relay, consumer and gateway.
-//! - [`peers`]: us vs peers installed from their registries (nginx, haproxy, graphile-worker),
+//! - [`peers`]: us vs peers installed from their registries (nginx, haproxy,
+//!   pg-transactional-outbox, graphile-worker),
 //!   each figure a ratio against the peer in the same run.
 //! - [`child`], [`upstream`], [`http_load`]: child processes, the HTTP upstream, and the HTTP
 //!   load generator those scenarios share.

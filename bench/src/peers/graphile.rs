@@ -11,7 +11,6 @@
 //! lateness is not its default poll interval.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::install;
@@ -122,28 +121,16 @@ async fn theirs(
     pending: i64,
 ) -> anyhow::Result<Lateness> {
     let db = integration_tests::fresh_db().await;
-    let script = install::scripts_dir().join("graphile-worker.js");
-    let mut command = tokio::process::Command::from({
-        let mut c = Command::new("node");
-        c.arg(script)
-            .arg(&db.url)
-            .arg(due.to_string())
-            .arg(window.as_millis().to_string())
-            .arg(pending.to_string())
-            .arg(LEAD.as_millis().to_string())
-            .arg(CONCURRENCY.to_string())
-            .arg(POLL_MS.to_string())
-            .env("NODE_PATH", node_modules)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        c
-    });
-    command.kill_on_drop(true);
-    let out = command.output().await?;
-    anyhow::ensure!(out.status.success(), "graphile-worker.js: {}", out.status);
-    let line = String::from_utf8_lossy(&out.stdout);
-    let line = line.lines().last().unwrap_or_default();
-    serde_json::from_str(line).map_err(|e| anyhow::anyhow!("graphile-worker.js said {line:?}: {e}"))
+    let args = [
+        db.url.clone(),
+        due.to_string(),
+        window.as_millis().to_string(),
+        pending.to_string(),
+        LEAD.as_millis().to_string(),
+        CONCURRENCY.to_string(),
+        POLL_MS.to_string(),
+    ];
+    install::node("graphile-worker.js", node_modules, &args).await
 }
 
 /// Runs the comparison and records its figures.
@@ -151,7 +138,10 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let due = scale.pick(100_000, 2_000);
     let window = scale.pick(Duration::from_secs(60), Duration::from_secs(3));
     let pending: i64 = scale.pick(1_000_000, 20_000);
-    let node_modules = match install::npm("graphile-worker", GRAPHILE_WORKER) {
+    let node_modules = match install::npm(
+        &format!("graphile-worker-{GRAPHILE_WORKER}"),
+        &[&format!("graphile-worker@{GRAPHILE_WORKER}")],
+    ) {
         Ok(m) => m,
         Err(why) => {
             eprintln!("# peers: graphile-worker skipped: {why}");

@@ -61,17 +61,20 @@ pub fn apt(package: &str, version: &str) -> Result<String, String> {
     dpkg_version(package).ok_or_else(|| format!("{package} not installed after apt-get"))
 }
 
-/// Installs npm package `package@version` into `target/bench/peers/npm-<package>` unless it is
-/// there; returns that folder's `node_modules`, or why not.
-pub fn npm(package: &str, version: &str) -> Result<PathBuf, String> {
-    let prefix = peers_dir().join(format!("npm-{package}-{version}"));
+/// Installs npm packages `specs` (`name@version`) into `target/bench/peers/npm-<folder>` unless
+/// they are there; returns that folder's `node_modules`, or why not.
+pub fn npm(folder: &str, specs: &[&str]) -> Result<PathBuf, String> {
+    let prefix = peers_dir().join(format!("npm-{folder}"));
     let modules = prefix.join("node_modules");
-    if modules.join(package).join("package.json").exists() {
+    let installed = |spec: &str| {
+        let name = spec.rsplit_once('@').map_or(spec, |(n, _)| n);
+        modules.join(name).join("package.json").exists()
+    };
+    if specs.iter().all(|s| installed(s)) {
         return Ok(modules);
     }
     std::fs::create_dir_all(&prefix).map_err(|e| format!("create {}: {e}", prefix.display()))?;
-    eprintln!("# installing {package}@{version} with npm");
-    let spec = format!("{package}@{version}");
+    eprintln!("# installing {} with npm", specs.join(" "));
     let ok = Command::new("npm")
         .args([
             "install",
@@ -81,13 +84,35 @@ pub fn npm(package: &str, version: &str) -> Result<PathBuf, String> {
             "--prefix",
         ])
         .arg(&prefix)
-        .arg(&spec)
+        .args(specs)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok || !modules.join(package).join("package.json").exists() {
-        return Err(format!("npm install {spec} failed"));
+    if !ok || !specs.iter().all(|s| installed(s)) {
+        return Err(format!("npm install {} failed", specs.join(" ")));
     }
     Ok(modules)
+}
+
+/// Runs `node bench/peers/<script> args...` with `NODE_PATH` = `node_modules`; returns the
+/// JSON object it printed last on stdout.
+pub async fn node<T: serde::de::DeserializeOwned>(
+    script: &str,
+    node_modules: &Path,
+    args: &[String],
+) -> anyhow::Result<T> {
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(scripts_dir().join(script))
+        .args(args)
+        .env("NODE_PATH", node_modules)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let out = command.output().await?;
+    anyhow::ensure!(out.status.success(), "{script}: {}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{script} printed {line:?}: {e}"))
 }
