@@ -7,7 +7,9 @@
 // 1. PENDING jobs due in a day (never run here), inserted before the worker starts.
 // 2. The worker starts; then DUE jobs are added, due evenly over WINDOW_MS starting LEAD_MS
 //    after the first insert.
-// 3. Each job records its lateness: when its task starts minus its run_at.
+// 3. Each job records its lateness: when its task starts minus its run_at. If not all have run
+//    GRACE_MS after the last one was due, the run stops there, and each job that has not run
+//    counts with its lateness so far (a lower bound).
 "use strict";
 const { run, runMigrations } = require("graphile-worker");
 const { Client } = require("pg");
@@ -18,15 +20,16 @@ const WINDOW_MS = Number(windowMs);
 const PENDING = Number(pending);
 const LEAD_MS = Number(leadMs);
 const CHUNK = 50000;
+const GRACE_MS = 30000;
 
 const now = () => performance.timeOrigin + performance.now();
 
-async function addJobs(client, n, runAtSql, params) {
+async function addJobs(client, n, runAtSql, params, payloadSql = "'{}'::json") {
   for (let from = 0; from < n; from += CHUNK) {
     const to = Math.min(n, from + CHUNK);
     await client.query(
       `SELECT count(*) FROM graphile_worker.add_jobs(ARRAY(
-         SELECT ROW('due', '{}'::json, NULL, ${runAtSql}, NULL, NULL, NULL, NULL)::graphile_worker.job_spec
+         SELECT ROW('due', ${payloadSql}, NULL, ${runAtSql}, NULL, NULL, NULL, NULL)::graphile_worker.job_spec
          FROM generate_series($1::int, $2::int) g))`,
       [from + 1, to, ...params],
     );
@@ -41,6 +44,7 @@ async function main() {
   await client.query("VACUUM ANALYZE graphile_worker._private_jobs");
 
   const lateness = [];
+  const ran = new Array(DUE + 1).fill(false);
   let lastDone = 0;
   let finished;
   const allDone = new Promise((resolve) => (finished = resolve));
@@ -51,8 +55,9 @@ async function main() {
     noHandleSignals: true,
     logger: quietLogger(),
     taskList: {
-      due: async (_payload, helpers) => {
+      due: async (payload, helpers) => {
         const t = now();
+        ran[payload.g] = true;
         lateness.push(t - helpers.job.run_at.getTime());
         lastDone = t;
         if (lateness.length === DUE) finished();
@@ -67,11 +72,18 @@ async function main() {
     DUE,
     "to_timestamp(($3::float8 + (g - 1) * $4::float8) / 1000.0)",
     [t0, WINDOW_MS / DUE],
+    "json_build_object('g', g)",
   );
   const insertMs = Date.now() - insertStart;
-  const timeout = setTimeout(() => finished(), WINDOW_MS + LEAD_MS + 120000);
+  const timeout = setTimeout(() => finished(), t0 + WINDOW_MS + GRACE_MS - Date.now());
   await allDone;
   clearTimeout(timeout);
+  const done = lateness.length;
+  const end = now();
+  const step = WINDOW_MS / DUE;
+  for (let g = 1; g <= DUE; g++) {
+    if (!ran[g]) lateness.push(end - (t0 + (g - 1) * step));
+  }
   await runner.stop();
   await client.end();
 
@@ -79,12 +91,12 @@ async function main() {
   const q = (p) => lateness[Math.min(lateness.length - 1, Math.round((lateness.length - 1) * p))];
   console.log(
     JSON.stringify({
-      done: lateness.length,
+      done,
       p50_ms: q(0.5),
       p99_ms: q(0.99),
       max_ms: lateness[lateness.length - 1],
       // Jobs run per second from the first one due to the last one done.
-      throughput: lateness.length / ((lastDone - t0) / 1000),
+      throughput: done / (((done === DUE ? lastDone : end) - t0) / 1000),
       insert_ms: insertMs,
     }),
   );

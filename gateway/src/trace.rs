@@ -102,10 +102,7 @@ where
                 let resp = fut.await?;
                 let elapsed = started.elapsed();
                 let problem = resp.extensions().get::<GatewayProblem>().map(|p| p.0);
-                // Debug, not info: at the default level a line per request cost a third of the
-                // plain-proxy throughput (`bench -- peers`: 35k vs 52k req/s with
-                // `RUST_LOG=error`). `RUST_LOG=info,gateway::trace=debug` logs every request.
-                tracing::debug!(
+                tracing::info!(
                     status = resp.status().as_u16(),
                     latency_ms = elapsed.as_millis() as u64,
                     problem,

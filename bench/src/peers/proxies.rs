@@ -107,9 +107,14 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     };
 
     let url = db.url.clone();
-    let quiet =
-        GatewayProcess::start_config(move |port| smallest_config(port, &url, up), Some("error"))
-            .await?;
+    // `BENCH_PEERS_GATEWAY_LOG` sets the second gateway's `RUST_LOG`, for experiments.
+    let quiet_log = std::env::var("BENCH_PEERS_GATEWAY_LOG").unwrap_or_else(|_| "error".into());
+    let quiet_log_name = quiet_log.clone();
+    let quiet = GatewayProcess::start_config(
+        move |port| smallest_config(port, &url, up),
+        Some(&quiet_log),
+    )
+    .await?;
     let mut targets = vec![
         ("gateway", gateway.addr, "/plain/x"),
         ("gateway RUST_LOG=error", quiet.addr, "/plain/x"),
@@ -153,7 +158,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         "peers_gateway_smallest_config_rps",
         throughput[0].rate,
         "req/s",
-        "gateway_rust_log_error",
+        &format!("gateway_rust_log={}", quiet_log_name),
         throughput[1].rate,
         None,
     ));
