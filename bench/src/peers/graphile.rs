@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::install;
 use crate::{Figure, Report, RunningRelay, Scale, broker, quantile, relay_config};
 
-/// The newest graphile-worker that runs on Node 20 (0.17 and later want Node 22).
-pub const GRAPHILE_WORKER: &str = "0.16.6";
+/// The newest graphile-worker that runs on Node 20 (0.18.0 requires Node ≥ 22.18).
+pub const GRAPHILE_WORKER: &str = "0.17.3";
 const CONCURRENCY: u32 = 10;
 const POLL_MS: u32 = 50;
 const LEAD: Duration = Duration::from_secs(5);
