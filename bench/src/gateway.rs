@@ -41,9 +41,6 @@ impl GatewayProcess {
         store: &str,
         database_url: &str,
     ) -> anyhow::Result<Self> {
-        let binary = workspace_binary("gateway", "gateway", false)?;
-        let port = free_port()?;
-        let dir = temp_dir("bench_gateway")?;
         let store_line = match store {
             "redis" => format!(
                 "store = \"redis\"\nredis_url = \"{}\"",
@@ -52,21 +49,38 @@ impl GatewayProcess {
             _ => format!("store = \"postgres\"\ndatabase_url = \"{database_url}\""),
         };
         // Records only need to outlive the run (the TTL must cover the lease: timeout + 5 s).
-        let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n{store_line}\n\n\
-             [[routes]]\nprefix = \"/plain\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\n\
-             [[routes]]\nprefix = \"/idem\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\
-             idempotency = {{ required = true, ttl_secs = 60 }}\n"
-        );
+        let config = |port: u16| {
+            format!(
+                "listen = \"127.0.0.1:{port}\"\n{store_line}\n\n\
+                 [[routes]]\nprefix = \"/plain\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\n\
+                 [[routes]]\nprefix = \"/idem\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\
+                 idempotency = {{ required = true, ttl_secs = 60 }}\n"
+            )
+        };
+        Self::start_config(config, Some("error")).await
+    }
+
+    /// Starts the gateway with the config `config(port)` and `RUST_LOG` = `rust_log`, or unset
+    /// (the gateway's default level) when `None`.
+    pub async fn start_config(
+        config: impl FnOnce(u16) -> String,
+        rust_log: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let binary = workspace_binary("gateway", "gateway", false)?;
+        let port = free_port()?;
+        let dir = temp_dir("bench_gateway")?;
         let path = dir.join("gateway.toml");
-        std::fs::write(&path, config)?;
+        std::fs::write(&path, config(port))?;
         let mut command = Command::new(binary);
         command
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        match rust_log {
+            Some(level) => command.env("RUST_LOG", level),
+            None => command.env_remove("RUST_LOG"),
+        };
         let mut process = Process::spawn("gateway", command)?;
         if let Err(e) = wait_port(port, Duration::from_secs(20)).await {
             process.ensure_running()?;
@@ -88,7 +102,7 @@ impl GatewayProcess {
 }
 
 /// The nginx binary, installed from Debian's packages if missing (full runs only).
-fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
+pub(crate) fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
     let find = || {
         ["nginx", "/usr/sbin/nginx"].into_iter().find(|b| {
             Command::new(b)
@@ -128,14 +142,14 @@ fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
 }
 
 /// nginx as a child with its own prefix, proxying to `upstream` over keep-alive connections.
-struct Nginx {
+pub(crate) struct Nginx {
     process: Process,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     dir: PathBuf,
 }
 
 impl Nginx {
-    async fn start(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) async fn start(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = temp_dir("bench_nginx")?;
         let p = dir.display();
@@ -175,7 +189,7 @@ impl Nginx {
         })
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         // QUIT: graceful shutdown of the master and its workers.
         let result = self.process.stop_with("QUIT").await;
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -184,7 +198,7 @@ impl Nginx {
 }
 
 /// Combines rounds of one target: total requests over total time, latencies merged.
-fn merge(rounds: &[Outcome]) -> Outcome {
+pub(crate) fn merge(rounds: &[Outcome]) -> Outcome {
     let mut latencies: Vec<u32> = rounds
         .iter()
         .flat_map(|o| o.latencies_us.iter().copied())

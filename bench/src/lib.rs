@@ -16,6 +16,9 @@
 //!   own (`taskset`), as if the broker had its own host.
 //! - [`load`]: the whole pipeline as processes at 2,000 msg/s for two minutes: backlog over
 //!   time and peak memory of relay, consumer and gateway.
+//! - [`peers`]: us vs peers installed from their registries (nginx, haproxy,
+//!   pg-transactional-outbox, graphile-worker),
+//!   each figure a ratio against the peer in the same run.
 //! - [`child`], [`upstream`], [`http_load`]: child processes, the HTTP upstream, and the HTTP
 //!   load generator those scenarios share.
 //!
@@ -29,6 +32,7 @@ pub mod delayed;
 pub mod gateway;
 pub mod http_load;
 pub mod load;
+pub mod peers;
 pub mod relay;
 pub mod report;
 pub mod split;

@@ -1,4 +1,5 @@
-//! `cargo run --release -p bench -- all|relay|latency|delayed|consumer|gateway|load|split`: prints one line per figure
+//! `cargo run --release -p bench -- all|relay|latency|delayed|consumer|gateway|load|split|peers`:
+//! prints one line per figure
 //! (`name value unit baseline ratio`) and writes `target/bench/results.json`.
 
 use bench::{Report, Scale};
@@ -27,6 +28,8 @@ enum Scenario {
     Load,
     /// The commit-rate and consumer figures with RabbitMQ pinned to a core of its own.
     Split,
+    /// Us vs peers installed from their registries.
+    Peers,
 }
 
 #[tokio::main]
@@ -58,6 +61,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if all || cli.scenario == Scenario::Split {
         bench::split::run(scale, &mut report).await?;
+    }
+    if all || cli.scenario == Scenario::Peers {
+        bench::peers::run(scale, &mut report).await?;
     }
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/results.json");
