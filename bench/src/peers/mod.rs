@@ -7,8 +7,11 @@
 //! - [`graphile`]: delayed messages vs graphile-worker's scheduled jobs: lateness and
 //!   throughput of 100k due over 60 s with 1M pending far in the future.
 //! - [`pg_outbox`]: relay drain vs npm `pg-transactional-outbox` (polling listener).
+//! - [`idem_proxy`]: idempotent POSTs, the gateway's Redis store vs crates.io
+//!   `idempotent-proxy-server`.
 
 pub mod graphile;
+pub mod idem_proxy;
 pub mod install;
 pub mod pg_outbox;
 pub mod proxies;
@@ -16,7 +19,8 @@ pub mod proxies;
 use crate::{Report, Scale};
 
 /// Runs every peer comparison.
-/// `BENCH_PEERS` = a comma-separated subset (`proxies,pg_outbox,graphile`) runs only those.
+/// `BENCH_PEERS` = a comma-separated subset (`proxies,pg_outbox,graphile,idem_proxy`) runs only
+/// those.
 pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let only = std::env::var("BENCH_PEERS").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
@@ -28,6 +32,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     }
     if wanted("graphile") {
         graphile::run(scale, report).await?;
+    }
+    if wanted("idem_proxy") {
+        idem_proxy::run(scale, report).await?;
     }
     Ok(())
 }

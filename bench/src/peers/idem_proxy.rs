@@ -1,0 +1,155 @@
+//! Idempotent POSTs: the gateway's Redis store vs crates.io `idempotent-proxy-server`, the
+//! reverse proxy that caches the first response per `idempotency-key` in Redis. Both in front of
+//! the same upstream and the same Redis, each POST with a fresh key (every request claims, calls
+//! the upstream and stores its response), alternating rounds.
+//!
+//! The peer is built with `cargo install --locked` into `target/bench/peers/cargo` (a few
+//! minutes, once). It reads its settings from the environment (and insists on a `.env` file in
+//! its working directory): `SERVER_ADDR`, `REDIS_URL`, and `URL_UPSTREAM`, the upstream a
+//! request to `/URL_UPSTREAM` goes to.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::install;
+use crate::child::{Process, free_port, temp_dir, wait_port};
+use crate::gateway::{GatewayProcess, merge};
+use crate::http_load::{Load, Outcome, run_checked};
+use crate::{Figure, Report, Scale, upstream};
+
+/// The pinned version.
+pub const VERSION: &str = "1.2.2";
+const CONNECTIONS: usize = 16;
+
+/// The peer's binary, built from crates.io if missing; or why it is not there.
+fn binary() -> Result<PathBuf, String> {
+    let root = install::peers_dir().join("cargo");
+    let bin = root.join("bin/idempotent-proxy-server");
+    let version_file = root.join("idempotent-proxy-server.version");
+    if bin.exists() && std::fs::read_to_string(&version_file).ok().as_deref() == Some(VERSION) {
+        return Ok(bin);
+    }
+    eprintln!("# building idempotent-proxy-server {VERSION} with cargo install (once)");
+    let ok = Command::new(env!("CARGO"))
+        .args([
+            "install",
+            "--locked",
+            "--quiet",
+            "idempotent-proxy-server",
+            "--version",
+            VERSION,
+            "--root",
+        ])
+        .arg(&root)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !bin.exists() {
+        return Err(format!(
+            "cargo install idempotent-proxy-server --version {VERSION} failed"
+        ));
+    }
+    let _ = std::fs::write(&version_file, VERSION);
+    Ok(bin)
+}
+
+struct Peer {
+    process: Process,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Peer {
+    async fn start(bin: &PathBuf, upstream: SocketAddr) -> anyhow::Result<Peer> {
+        let port = free_port()?;
+        let dir = temp_dir("bench_idem_proxy")?;
+        std::fs::write(dir.join(".env"), "")?;
+        let mut command = Command::new(bin);
+        command
+            .current_dir(&dir)
+            .env("SERVER_ADDR", format!("127.0.0.1:{port}"))
+            .env("REDIS_URL", integration_tests::redis_url())
+            .env("URL_UPSTREAM", format!("http://{upstream}/x"))
+            // Its JSON log line per request goes to stdout: as quiet as the gateway's.
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null());
+        let mut process = Process::spawn("idempotent-proxy-server", command)?;
+        if let Err(e) = wait_port(port, Duration::from_secs(10)).await {
+            process.ensure_running()?;
+            return Err(e);
+        }
+        Ok(Peer {
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let result = self.process.stop().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        result
+    }
+}
+
+/// Runs the comparison and records its figures (skipped, saying why, when the peer cannot be
+/// built).
+pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    let secs = Duration::from_secs_f64(scale.pick(6.0, 0.5));
+    let rounds = scale.pick(3, 1);
+    let bin = match binary() {
+        Ok(b) => b,
+        Err(why) => {
+            println!("peers: idempotent-proxy-server skipped: {why}");
+            return Ok(());
+        }
+    };
+    let upstream = upstream::start().await?;
+    let gateway = GatewayProcess::start(upstream.addr, "redis", "").await?;
+    let peer = Peer::start(&bin, upstream.addr).await?;
+    let run_id = integration_tests::unique_name("peers_idem");
+    let targets = [
+        ("gateway redis", gateway.addr, "/idem/x"),
+        ("idempotent-proxy-server", peer.addr, "/URL_UPSTREAM"),
+    ];
+    let load = |i: usize, round: usize, secs: Duration| Load {
+        idempotency_prefix: Some(format!("{run_id}-{i}-{round}")),
+        ..Load::post(targets[i].1, targets[i].2, CONNECTIONS, secs)
+    };
+    for i in 0..targets.len() {
+        run_checked("warm-up", &load(i, 99, secs.min(Duration::from_secs(1)))).await?;
+    }
+    let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = if round % 2 == 0 {
+                k
+            } else {
+                targets.len() - 1 - k
+            };
+            outcomes[i].push(run_checked(targets[i].0, &load(i, round, secs)).await?);
+        }
+    }
+    let merged: Vec<Outcome> = outcomes.iter().map(|o| merge(o)).collect();
+    gateway.stop().await?;
+    peer.stop().await?;
+    report.push(Figure::new(
+        "peers_idempotent_post_redis_rps",
+        merged[0].rate,
+        "req/s",
+        &format!("idempotent_proxy_server_{VERSION}"),
+        merged[1].rate,
+        Some(">= 1.0"),
+    ));
+    report.push(Figure::new(
+        "peers_idempotent_post_redis_p99",
+        merged[0].p99_ms(),
+        "ms",
+        &format!("idempotent_proxy_server_{VERSION}_p99"),
+        merged[1].p99_ms(),
+        None,
+    ));
+    Ok(())
+}
