@@ -20,7 +20,7 @@ fn profile_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// A binary of this workspace next to the bench executable (`example` for a package's example),
-/// built with the same profile if it is missing.
+/// built with the same profile (always asked for in a release run, so never stale).
 pub fn workspace_binary(package: &str, name: &str, example: bool) -> anyhow::Result<PathBuf> {
     let dir = profile_dir()?;
     let path = if example {
@@ -28,7 +28,12 @@ pub fn workspace_binary(package: &str, name: &str, example: bool) -> anyhow::Res
     } else {
         dir.join(name)
     };
-    if !path.exists() {
+    // A release run always asks cargo (a no-op when fresh): a binary left from before the last
+    // change would be measured instead of the code checked out. The test suite's debug runs
+    // build only what is missing, as `cargo test --workspace` built the rest with its own
+    // feature set (a `cargo build -p` of one package can resolve features differently and
+    // rebuild for minutes).
+    if !path.exists() || dir.ends_with("release") {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
         build.args(["build", "-q", "-p", package]);
