@@ -197,6 +197,35 @@ impl Nginx {
     }
 }
 
+/// Loads each target (name, address, path) in `rounds` rounds of `secs`, after one unrecorded
+/// warm-up each (connection pools and caches), the order alternating from round to round so
+/// drift hits every target alike; returns each target's rounds merged. `load(target, round,
+/// addr, path, secs)` builds the load of one round (round `usize::MAX` is the warm-up).
+pub(crate) async fn alternating(
+    targets: &[(&str, SocketAddr, &str)],
+    rounds: usize,
+    secs: Duration,
+    load: impl Fn(usize, usize, SocketAddr, &str, Duration) -> Load,
+) -> anyhow::Result<Vec<Outcome>> {
+    for (i, (_, addr, path)) in targets.iter().enumerate() {
+        let warm = load(i, usize::MAX, *addr, path, secs.min(Duration::from_secs(1)));
+        run_checked("warm-up", &warm).await?;
+    }
+    let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = if round % 2 == 0 {
+                k
+            } else {
+                targets.len() - 1 - k
+            };
+            let (name, addr, path) = targets[i];
+            outcomes[i].push(run_checked(name, &load(i, round, addr, path, secs)).await?);
+        }
+    }
+    Ok(outcomes.iter().map(|r| merge(r)).collect())
+}
+
 /// Combines rounds of one target: total requests over total time, latencies merged.
 pub(crate) fn merge(rounds: &[Outcome]) -> Outcome {
     let mut latencies: Vec<u32> = rounds
@@ -238,28 +267,10 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     if let Some(n) = &nginx {
         targets.push(("nginx", n.addr, "/x"));
     }
-    // Warm every connection pool and cache once, unrecorded.
-    for (_, addr, path) in &targets {
-        run_checked(
-            "warm-up",
-            &Load::get(*addr, path, CONNECTIONS, secs.min(Duration::from_secs(1))),
-        )
-        .await?;
-    }
-    // Throughput, rounds alternating in order so drift hits every target alike.
-    let mut throughput: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
-    for round in 0..rounds {
-        for i in 0..targets.len() {
-            let i = if round % 2 == 0 {
-                i
-            } else {
-                targets.len() - 1 - i
-            };
-            let (name, addr, path) = targets[i];
-            throughput[i].push(run_checked(name, &Load::get(addr, path, CONNECTIONS, secs)).await?);
-        }
-    }
-    let throughput: Vec<Outcome> = throughput.iter().map(|r| merge(r)).collect();
+    let throughput = alternating(&targets, rounds, secs, |_, _, addr, path, secs| {
+        Load::get(addr, path, CONNECTIONS, secs)
+    })
+    .await?;
     // Latency at a fixed rate.
     let mut paced = Vec::new();
     for (name, addr, path) in &targets {

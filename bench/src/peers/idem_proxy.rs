@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use super::install;
 use crate::child::{Process, free_port, temp_dir, wait_port};
-use crate::gateway::{GatewayProcess, merge};
-use crate::http_load::{Load, Outcome, run_checked};
+use crate::gateway::{GatewayProcess, alternating};
+use crate::http_load::Load;
 use crate::{Figure, Report, Scale, upstream};
 
 /// The pinned version.
@@ -114,25 +114,11 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         ("gateway redis", gateway.addr, "/idem/x"),
         ("idempotent-proxy-server", peer.addr, "/URL_UPSTREAM"),
     ];
-    let load = |i: usize, round: usize, secs: Duration| Load {
+    let merged = alternating(&targets, rounds, secs, |i, round, addr, path, secs| Load {
         idempotency_prefix: Some(format!("{run_id}-{i}-{round}")),
-        ..Load::post(targets[i].1, targets[i].2, CONNECTIONS, secs)
-    };
-    for i in 0..targets.len() {
-        run_checked("warm-up", &load(i, 99, secs.min(Duration::from_secs(1)))).await?;
-    }
-    let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
-    for round in 0..rounds {
-        for k in 0..targets.len() {
-            let i = if round % 2 == 0 {
-                k
-            } else {
-                targets.len() - 1 - k
-            };
-            outcomes[i].push(run_checked(targets[i].0, &load(i, round, secs)).await?);
-        }
-    }
-    let merged: Vec<Outcome> = outcomes.iter().map(|o| merge(o)).collect();
+        ..Load::post(addr, path, CONNECTIONS, secs)
+    })
+    .await?;
     gateway.stop().await?;
     peer.stop().await?;
     report.push(Figure::new(

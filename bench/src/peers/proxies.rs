@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::install;
 use crate::child::{Process, free_port, temp_dir, wait_port};
-use crate::gateway::{GatewayProcess, Nginx, merge};
-use crate::http_load::{Load, Outcome, run_checked};
+use crate::gateway::{GatewayProcess, Nginx, alternating};
+use crate::http_load::Load;
 use crate::{Figure, Report, Scale, upstream};
 
 /// Debian bookworm's nginx and haproxy, as the security archive has them.
@@ -125,26 +125,10 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     if let Some(h) = &haproxy {
         targets.push(("haproxy", h.addr, "/x"));
     }
-    for (_, addr, path) in &targets {
-        run_checked(
-            "warm-up",
-            &Load::get(*addr, path, CONNECTIONS, secs.min(Duration::from_secs(1))),
-        )
-        .await?;
-    }
-    let mut throughput: Vec<Vec<Outcome>> = vec![Vec::new(); targets.len()];
-    for round in 0..rounds {
-        for i in 0..targets.len() {
-            let i = if round % 2 == 0 {
-                i
-            } else {
-                targets.len() - 1 - i
-            };
-            let (name, addr, path) = targets[i];
-            throughput[i].push(run_checked(name, &Load::get(addr, path, CONNECTIONS, secs)).await?);
-        }
-    }
-    let throughput: Vec<Outcome> = throughput.iter().map(|r| merge(r)).collect();
+    let throughput = alternating(&targets, rounds, secs, |_, _, addr, path, secs| {
+        Load::get(addr, path, CONNECTIONS, secs)
+    })
+    .await?;
     gateway.stop().await?;
     quiet.stop().await?;
     if let Some(n) = nginx {
