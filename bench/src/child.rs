@@ -1,6 +1,7 @@
 //! Child processes the scenarios start (the relay, consumer and gateway binaries, nginx): where
 //! the workspace's binaries are, free loopback ports, and memory read from `/proc`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -192,4 +193,47 @@ pub fn temp_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(integration_tests::unique_name(prefix));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// A child serving on a loopback port, with a temporary folder of its own (its config, its
+/// files) that is removed when it stops.
+pub struct Server {
+    /// The child.
+    pub process: Process,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    stop_signal: &'static str,
+}
+
+impl Server {
+    /// Spawns `command` as `name` and waits up to `wait` for `port` to accept connections;
+    /// [`Server::stop`] sends `stop_signal` and removes `dir`.
+    pub async fn start(
+        name: &str,
+        command: Command,
+        port: u16,
+        dir: PathBuf,
+        wait: Duration,
+        stop_signal: &'static str,
+    ) -> anyhow::Result<Server> {
+        let mut process = Process::spawn(name, command)?;
+        if let Err(e) = wait_port(port, wait).await {
+            process.ensure_running()?;
+            return Err(e);
+        }
+        Ok(Server {
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            stop_signal,
+        })
+    }
+
+    /// Stops it (see [`Process::stop_with`]) and removes its folder.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let result = self.process.stop_with(self.stop_signal).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        result
+    }
 }

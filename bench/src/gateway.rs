@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::child::{Process, free_port, temp_dir, wait_port, workspace_binary};
+use crate::child::{Server, free_port, temp_dir, workspace_binary};
 use crate::http_load::{Load, Outcome, run_checked};
 use crate::{Figure, Report, Scale, upstream};
 
@@ -24,81 +24,62 @@ const CONNECTIONS: usize = 16;
 const PACED_CONNECTIONS: usize = 8;
 const PACED_RATE: f64 = 2000.0;
 
-/// The gateway binary as a child, with its config in a temporary directory.
-pub struct GatewayProcess {
-    /// The child.
-    pub process: Process,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl GatewayProcess {
-    /// Starts the gateway with `/plain` (no layers but the defaults) and `/idem` (idempotency
-    /// required) routes to `upstream`, on `store` = `postgres` (`database_url`) or `redis`.
-    pub async fn start(
-        upstream: SocketAddr,
-        store: &str,
-        database_url: &str,
-    ) -> anyhow::Result<Self> {
-        let store_line = match store {
-            "redis" => format!(
-                "store = \"redis\"\nredis_url = \"{}\"",
-                integration_tests::redis_url()
-            ),
-            _ => format!("store = \"postgres\"\ndatabase_url = \"{database_url}\""),
-        };
-        // Records only need to outlive the run (the TTL must cover the lease: timeout + 5 s).
-        let config = |port: u16| {
-            format!(
-                "listen = \"127.0.0.1:{port}\"\n{store_line}\n\n\
+/// Starts the gateway binary with `/plain` (no layers but the defaults) and `/idem` (idempotency
+/// required) routes to `upstream`, on `store` = `postgres` (`database_url`) or `redis`.
+pub async fn start_gateway(
+    upstream: SocketAddr,
+    store: &str,
+    database_url: &str,
+) -> anyhow::Result<Server> {
+    let store_line = match store {
+        "redis" => format!(
+            "store = \"redis\"\nredis_url = \"{}\"",
+            integration_tests::redis_url()
+        ),
+        _ => format!("store = \"postgres\"\ndatabase_url = \"{database_url}\""),
+    };
+    // Records only need to outlive the run (the TTL must cover the lease: timeout + 5 s).
+    let config = |port: u16| {
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n{store_line}\n\n\
                  [[routes]]\nprefix = \"/plain\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\n\
                  [[routes]]\nprefix = \"/idem\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 5000\n\
                  idempotency = {{ required = true, ttl_secs = 60 }}\n"
-            )
-        };
-        Self::start_config(config, Some("error")).await
-    }
+        )
+    };
+    start_gateway_config(config, Some("error")).await
+}
 
-    /// Starts the gateway with the config `config(port)` and `RUST_LOG` = `rust_log`, or unset
-    /// (the gateway's default level) when `None`.
-    pub async fn start_config(
-        config: impl FnOnce(u16) -> String,
-        rust_log: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        let binary = workspace_binary("gateway", "gateway", false)?;
-        let port = free_port()?;
-        let dir = temp_dir("bench_gateway")?;
-        let path = dir.join("gateway.toml");
-        std::fs::write(&path, config(port))?;
-        let mut command = Command::new(binary);
-        command
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        match rust_log {
-            Some(level) => command.env("RUST_LOG", level),
-            None => command.env_remove("RUST_LOG"),
-        };
-        let mut process = Process::spawn("gateway", command)?;
-        if let Err(e) = wait_port(port, Duration::from_secs(20)).await {
-            process.ensure_running()?;
-            return Err(e);
-        }
-        Ok(GatewayProcess {
-            process,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        })
-    }
-
-    /// SIGTERM and clean up.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        let result = self.process.stop().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        result
-    }
+/// Starts the gateway binary with the config `config(port)` (in a temporary folder) and
+/// `RUST_LOG` = `rust_log`, or unset (the gateway's default level) when `None`.
+pub async fn start_gateway_config(
+    config: impl FnOnce(u16) -> String,
+    rust_log: Option<&str>,
+) -> anyhow::Result<Server> {
+    let binary = workspace_binary("gateway", "gateway", false)?;
+    let port = free_port()?;
+    let dir = temp_dir("bench_gateway")?;
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config(port))?;
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    match rust_log {
+        Some(level) => command.env("RUST_LOG", level),
+        None => command.env_remove("RUST_LOG"),
+    };
+    Server::start(
+        "gateway",
+        command,
+        port,
+        dir,
+        Duration::from_secs(20),
+        "TERM",
+    )
+    .await
 }
 
 /// The nginx binary, installed from Debian's packages if missing (full runs only).
@@ -141,22 +122,16 @@ pub(crate) fn nginx_binary(install: bool) -> anyhow::Result<Option<PathBuf>> {
     Ok(find().map(PathBuf::from))
 }
 
-/// nginx as a child with its own prefix, proxying to `upstream` over keep-alive connections.
-pub(crate) struct Nginx {
-    process: Process,
-    pub(crate) addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    pub(crate) async fn start(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let dir = temp_dir("bench_nginx")?;
-        let p = dir.display();
-        // Keep-alive both ways with request limits high enough never to close a connection
-        // mid-run; no access log, as the gateway logs only errors.
-        let config = format!(
-            "daemon off;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/error.log error;\n\
+/// nginx as a child with its own prefix, proxying to `upstream` over keep-alive connections;
+/// stopped with QUIT (a graceful stop of the master and its workers).
+pub(crate) async fn start_nginx(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let dir = temp_dir("bench_nginx")?;
+    let p = dir.display();
+    // Keep-alive both ways with request limits high enough never to close a connection
+    // mid-run; no access log, as the gateway logs only errors.
+    let config = format!(
+        "daemon off;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log {p}/error.log error;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n\
                client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
@@ -165,36 +140,19 @@ impl Nginx {
                server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n\
                  location / {{ proxy_pass http://bench_upstream; proxy_http_version 1.1; \
                  proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
-        );
-        std::fs::write(dir.join("nginx.conf"), config)?;
-        let mut command = Command::new(binary);
-        command
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let mut process = Process::spawn("nginx", command)?;
-        if let Err(e) = wait_port(port, Duration::from_secs(10)).await {
-            process.ensure_running()?;
-            return Err(e);
-        }
-        Ok(Nginx {
-            process,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        })
-    }
-
-    pub(crate) async fn stop(self) -> anyhow::Result<()> {
-        // QUIT: graceful shutdown of the master and its workers.
-        let result = self.process.stop_with("QUIT").await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        result
-    }
+    );
+    std::fs::write(dir.join("nginx.conf"), config)?;
+    let mut command = Command::new(binary);
+    command
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Server::start("nginx", command, port, dir, Duration::from_secs(10), "QUIT").await
 }
 
 /// Loads each target (name, address, path) in `rounds` rounds of `secs`, after one unrecorded
@@ -253,9 +211,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
 
     let db = integration_tests::fresh_db().await;
     let upstream = upstream::start().await?;
-    let gateway = GatewayProcess::start(upstream.addr, "postgres", &db.url).await?;
+    let gateway = start_gateway(upstream.addr, "postgres", &db.url).await?;
     let nginx = match &nginx_binary {
-        Some(b) => Some(Nginx::start(b, upstream.addr).await?),
+        Some(b) => Some(start_nginx(b, upstream.addr).await?),
         None => None,
     };
 
@@ -304,7 +262,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     if let Some(n) = nginx {
         n.stop().await?;
     }
-    let redis_gateway = GatewayProcess::start(upstream.addr, "redis", "").await?;
+    let redis_gateway = start_gateway(upstream.addr, "redis", "").await?;
     run_checked(
         "warm-up",
         &Load {

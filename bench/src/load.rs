@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::child::{Process, spawn_relay, workspace_binary};
-use crate::gateway::GatewayProcess;
+use crate::gateway::start_gateway;
 use crate::http_load::{Load, run_checked};
 use crate::{Figure, Report, Scale, broker, upstream};
 
@@ -190,7 +190,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     }
     let mut relay = spawn_relay(&db.url)?;
     let upstream = upstream::start().await?;
-    let gateway = GatewayProcess::start(upstream.addr, "postgres", &db.url).await?;
+    let gateway = start_gateway(upstream.addr, "postgres", &db.url).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.ensure_running()?;
     let idle = [

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::install;
-use crate::child::{Process, free_port, temp_dir, wait_port};
-use crate::gateway::{GatewayProcess, alternating};
+use crate::child::{Server, free_port, temp_dir};
+use crate::gateway::{alternating, start_gateway};
 use crate::http_load::Load;
 use crate::{Figure, Report, Scale, upstream};
 
@@ -55,43 +55,22 @@ fn binary() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-struct Peer {
-    process: Process,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Peer {
-    async fn start(bin: &PathBuf, upstream: SocketAddr) -> anyhow::Result<Peer> {
-        let port = free_port()?;
-        let dir = temp_dir("bench_idem_proxy")?;
-        std::fs::write(dir.join(".env"), "")?;
-        let mut command = Command::new(bin);
-        command
-            .current_dir(&dir)
-            .env("SERVER_ADDR", format!("127.0.0.1:{port}"))
-            .env("REDIS_URL", integration_tests::redis_url())
-            .env("URL_UPSTREAM", format!("http://{upstream}/x"))
-            // Its JSON log line per request goes to stdout: as quiet as the gateway's.
-            .env("LOG_LEVEL", "warn")
-            .stdout(Stdio::null());
-        let mut process = Process::spawn("idempotent-proxy-server", command)?;
-        if let Err(e) = wait_port(port, Duration::from_secs(10)).await {
-            process.ensure_running()?;
-            return Err(e);
-        }
-        Ok(Peer {
-            process,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let result = self.process.stop().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        result
-    }
+/// The peer on a port of its own, its working directory holding the `.env` it insists on.
+async fn start_peer(bin: &PathBuf, upstream: SocketAddr) -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let dir = temp_dir("bench_idem_proxy")?;
+    std::fs::write(dir.join(".env"), "")?;
+    let mut command = Command::new(bin);
+    command
+        .current_dir(&dir)
+        .env("SERVER_ADDR", format!("127.0.0.1:{port}"))
+        .env("REDIS_URL", integration_tests::redis_url())
+        .env("URL_UPSTREAM", format!("http://{upstream}/x"))
+        // Its JSON log line per request goes to stdout: as quiet as the gateway's.
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null());
+    let wait = Duration::from_secs(10);
+    Server::start("idempotent-proxy-server", command, port, dir, wait, "TERM").await
 }
 
 /// Runs the comparison and records its figures (skipped, saying why, when the peer cannot be
@@ -107,8 +86,8 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         }
     };
     let upstream = upstream::start().await?;
-    let gateway = GatewayProcess::start(upstream.addr, "redis", "").await?;
-    let peer = Peer::start(&bin, upstream.addr).await?;
+    let gateway = start_gateway(upstream.addr, "redis", "").await?;
+    let peer = start_peer(&bin, upstream.addr).await?;
     let run_id = integration_tests::unique_name("peers_idem");
     let targets = [
         ("gateway redis", gateway.addr, "/idem/x"),

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::install;
-use crate::child::{Process, free_port, temp_dir, wait_port};
-use crate::gateway::{GatewayProcess, Nginx, alternating};
+use crate::child::{Server, free_port, temp_dir};
+use crate::gateway::{alternating, start_gateway_config, start_nginx};
 use crate::http_load::Load;
 use crate::{Figure, Report, Scale, upstream};
 
@@ -23,51 +23,36 @@ pub const HAPROXY: &str = "2.6.12-1+deb12u4";
 const CONNECTIONS: usize = 16;
 
 /// haproxy in the foreground with its own config, two threads (nginx runs two workers).
-struct Haproxy {
-    process: Process,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Haproxy {
-    async fn start(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let dir = temp_dir("bench_haproxy")?;
-        // `http-reuse always`: upstream connections are kept and shared, like nginx's
-        // `keepalive` pool and the gateway's. No `log` lines: no access log.
-        let config = format!(
-            "global\n  nbthread 2\n  maxconn 4096\n\
+async fn start_haproxy(binary: &Path, upstream: SocketAddr) -> anyhow::Result<Server> {
+    let port = free_port()?;
+    let dir = temp_dir("bench_haproxy")?;
+    // `http-reuse always`: upstream connections are kept and shared, like nginx's
+    // `keepalive` pool and the gateway's. No `log` lines: no access log.
+    let config = format!(
+        "global\n  nbthread 2\n  maxconn 4096\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
                option http-keep-alive\n  http-reuse always\n\
              frontend bench\n  bind 127.0.0.1:{port}\n  default_backend upstream\n\
              backend upstream\n  server u {upstream}\n"
-        );
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config)?;
-        let mut command = Command::new(binary);
-        command
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let mut process = Process::spawn("haproxy", command)?;
-        if let Err(e) = wait_port(port, Duration::from_secs(10)).await {
-            process.ensure_running()?;
-            return Err(e);
-        }
-        Ok(Haproxy {
-            process,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let result = self.process.stop().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        result
-    }
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config)?;
+    let mut command = Command::new(binary);
+    command
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Server::start(
+        "haproxy",
+        command,
+        port,
+        dir,
+        Duration::from_secs(10),
+        "TERM",
+    )
+    .await
 }
 
 /// The gateway's smallest config for proxying: one route, nothing but its prefix and upstream.
@@ -89,17 +74,16 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let upstream = upstream::start().await?;
     let url = db.url.clone();
     let up = upstream.addr;
-    let gateway =
-        GatewayProcess::start_config(move |port| smallest_config(port, &url, up), None).await?;
+    let gateway = start_gateway_config(move |port| smallest_config(port, &url, up), None).await?;
     let nginx = match &nginx_bin {
-        Ok(b) => Some(Nginx::start(b, upstream.addr).await?),
+        Ok(b) => Some(start_nginx(b, upstream.addr).await?),
         Err(why) => {
             eprintln!("# peers: nginx skipped: {why}");
             None
         }
     };
     let haproxy = match &haproxy_bin {
-        Ok(b) => Some(Haproxy::start(b, upstream.addr).await?),
+        Ok(b) => Some(start_haproxy(b, upstream.addr).await?),
         Err(why) => {
             eprintln!("# peers: haproxy skipped: {why}");
             None
@@ -110,7 +94,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     // `BENCH_PEERS_GATEWAY_LOG` sets the second gateway's `RUST_LOG`, for experiments.
     let quiet_log = std::env::var("BENCH_PEERS_GATEWAY_LOG").unwrap_or_else(|_| "error".into());
     let quiet_log_name = quiet_log.clone();
-    let quiet = GatewayProcess::start_config(
+    let quiet = start_gateway_config(
         move |port| smallest_config(port, &url, up),
         Some(&quiet_log),
     )
