@@ -8,8 +8,8 @@ use futures::future::BoxFuture;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::{
-    breaker::{Breaker, BreakerLayer},
-    config::{BreakerConfig, Config, parse_upstream},
+    breaker::{Breaker, BreakerConfig, BreakerLayer},
+    config::{Config, parse_upstream},
     idempotency::{IdempotencyLayer, IdempotencySettings, RecordStore},
     limit::{LimitLayer, RateLimiter},
     lock::{LockLayer, LockSettings, LockStore},

@@ -49,7 +49,7 @@ pub struct Config {
     /// Database connections in the relay's pool.
     pub db_pool_size: u32,
     /// Check-back of prepared messages (the `[checkback]` section).
-    pub checkback: crate::checkback::CheckbackConfig,
+    pub checkback: crate::prepared::checkback::CheckbackConfig,
     /// Let the dashboard's read-only pages be seen without logging in (actions still need the
     /// admin token). Off by default.
     pub dashboard_public_read: bool,
@@ -72,7 +72,7 @@ impl Default for Config {
             poll_max_ms: Duration::from_millis(50),
             listen: true,
             db_pool_size: 10,
-            checkback: crate::checkback::CheckbackConfig::default(),
+            checkback: crate::prepared::checkback::CheckbackConfig::default(),
             dashboard_public_read: false,
         }
     }

@@ -28,6 +28,3 @@ pub mod saga_api;
 mod trace;
 
 pub use config::Config;
-/// Where the prepared-message API and check-back were before they had one module tree; the
-/// paths stay for callers.
-pub use prepared::{api as prepared_api, checkback};

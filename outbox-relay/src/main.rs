@@ -152,8 +152,8 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect(&config, mode, 2).await?;
             let backlog = relay::backlog(&pool, true).await?;
             let database_id = admin::database_id(&pool).await?;
-            let prepared = outbox_relay::checkback::counts(&pool).await?;
-            let parked = outbox_relay::checkback::unresolved(&pool, 20).await?;
+            let prepared = outbox_relay::prepared::checkback::counts(&pool).await?;
+            let parked = outbox_relay::prepared::checkback::unresolved(&pool, 20).await?;
             if json {
                 let mut v = serde_json::to_value(backlog)?;
                 v["database_id"] = database_id.into();
@@ -258,9 +258,9 @@ async fn main() -> anyhow::Result<()> {
             command: PreparedCommand::Resolve { id, decision },
         } => {
             let pool = connect(&config, mode, 2).await?;
-            let d: outbox_relay::checkback::Decision =
+            let d: outbox_relay::prepared::checkback::Decision =
                 decision.parse().map_err(anyhow::Error::msg)?;
-            outbox_relay::checkback::resolve(&pool, outbox::MessageId(id), d)
+            outbox_relay::prepared::checkback::resolve(&pool, outbox::MessageId(id), d)
                 .await
                 .with_context(|| format!("resolving prepared message {id}"))?;
             println!("prepared message {id}: {decision}");
@@ -336,7 +336,7 @@ async fn run(mut config: Config, mode: PoolMode) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding RELAY_HTTP_ADDR {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, "http listening");
-    let api = outbox_relay::prepared_api::router(pool.clone(), config.admin_token.clone()).merge(
+    let api = outbox_relay::prepared::api::router(pool.clone(), config.admin_token.clone()).merge(
         outbox_relay::saga_api::router(pool.clone(), config.admin_token.clone()).merge(
             outbox_relay::dashboard::router(outbox_relay::dashboard::Settings {
                 pool: pool.clone(),
@@ -355,7 +355,7 @@ async fn run(mut config: Config, mode: PoolMode) -> anyhow::Result<()> {
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options);
-    let checkback = tokio::spawn(outbox_relay::checkback::run(
+    let checkback = tokio::spawn(outbox_relay::prepared::checkback::run(
         check_pool,
         config.checkback.clone(),
         shutdown.clone(),

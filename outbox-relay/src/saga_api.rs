@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::prepared_api::{ApiState, Problem, authenticate};
+use crate::prepared::api::{ApiState, Problem, authenticate};
 
 const STATES: &[&str] = &[
     "running",

@@ -16,7 +16,7 @@ const TOKEN: &str = "test-token-0123456789";
 async fn serve(db: &TestDb) -> (std::net::SocketAddr, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let api = outbox_relay::prepared_api::router(db.pool.clone(), Some(TOKEN.to_owned()));
+    let api = outbox_relay::prepared::api::router(db.pool.clone(), Some(TOKEN.to_owned()));
     let router = http::router(db.pool.clone(), Arc::new(Health::default()), None, api);
     let shutdown = CancellationToken::new();
     tokio::spawn(http::serve(listener, router, shutdown.clone()));

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 const TOKEN: &str = "test-token-0123456789";
 
 async fn api(pool: &PgPool, token: Option<&str>) -> Server {
-    Server::start(outbox_relay::prepared_api::router(
+    Server::start(outbox_relay::prepared::api::router(
         pool.clone(),
         token.map(str::to_owned),
     ))
@@ -276,7 +276,7 @@ async fn oversized_payload_or_body_is_413_and_stores_nothing() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_problem(&ct, &body, StatusCode::PAYLOAD_TOO_LARGE, "`payload`");
     // Over the body limit.
-    let payload = "a".repeat(outbox_relay::prepared_api::MAX_BODY_BYTES + 1);
+    let payload = "a".repeat(outbox_relay::prepared::api::MAX_BODY_BYTES + 1);
     let (status, ct, body) = post(
         &server,
         "/v1/prepared",

@@ -12,7 +12,7 @@ use axum::routing::get;
 use integration_tests::{eventually, fresh_db};
 use outbox::prepared::{self, Decision, PreparedError, Status};
 use outbox::{Message, MessageId, barrier};
-use outbox_relay::checkback;
+use outbox_relay::prepared::checkback;
 use prepared_support::{
     Checkback, Server, WAIT, count, fast_checkback, outbox_payload, outcome, prepared_row,
 };

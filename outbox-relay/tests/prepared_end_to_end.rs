@@ -74,7 +74,7 @@ async fn prepare(api: &Server, queue: &str, payload: &str, check_url: Option<Str
 async fn prepared_messages_reach_the_queue_only_when_committed() {
     let db = fresh_db().await;
     let queue = TestQueue::new("prepared").await;
-    let api = Server::start(outbox_relay::prepared_api::router(
+    let api = Server::start(outbox_relay::prepared::api::router(
         db.pool.clone(),
         Some(TOKEN.to_owned()),
     ))

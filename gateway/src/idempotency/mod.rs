@@ -26,10 +26,11 @@ pub use key::{MAX_KEY_LEN, fingerprint, parse_sf_string, upstream_key};
 pub use layer::IdempotencyLayer;
 pub use store::{Begin, RecordSpec, RecordStore, StoreError, StoredResponse};
 
+use self::config::OutcomePolicy;
 use crate::layer::{Inner, layer_service_types, take_ready};
 use crate::{
     caller::Caller,
-    config::{OutcomePolicy, RouteConfig},
+    config::RouteConfig,
     headers::strip_hop_by_hop,
     problem::{self, GatewayProblem, GatewayRequest, GatewayResponse, Problem, UpstreamOutcome},
 };

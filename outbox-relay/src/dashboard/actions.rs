@@ -158,7 +158,7 @@ pub(crate) async fn resolve(
             "decision must be `commit` or `rollback`",
         )
     })?;
-    match crate::checkback::resolve(&state.pool, MessageId(id), decision).await {
+    match crate::prepared::checkback::resolve(&state.pool, MessageId(id), decision).await {
         Ok(()) => Ok(done(
             match decision {
                 Decision::Committed => "committed",

@@ -172,7 +172,7 @@ pub(super) async fn prepared(state: &Dashboard, csrf: Option<&str>) -> String {
     .bind(ROWS)
     .fetch_all(&state.pool)
     .await;
-    let counts = crate::checkback::counts(&state.pool).await;
+    let counts = crate::prepared::checkback::counts(&state.pool).await;
     let inner = match (rows, counts) {
         (Ok(rows), Ok(counts)) => {
             let rows: Vec<String> = rows

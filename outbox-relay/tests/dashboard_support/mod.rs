@@ -23,7 +23,7 @@ impl Server {
     pub async fn start(db: &TestDb, metrics: Option<PrometheusHandle>) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let api = outbox_relay::prepared_api::router(db.pool.clone(), Some(TOKEN.to_owned()))
+        let api = outbox_relay::prepared::api::router(db.pool.clone(), Some(TOKEN.to_owned()))
             .merge(dashboard::router(Settings {
                 pool: db.pool.clone(),
                 admin_token: Some(TOKEN.to_owned()),

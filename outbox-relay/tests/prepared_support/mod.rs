@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outbox_relay::checkback::CheckbackConfig;
+use outbox_relay::prepared::checkback::CheckbackConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +65,7 @@ pub struct Checkback {
 impl Checkback {
     pub fn start(pool: &PgPool, config: CheckbackConfig) -> Checkback {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(outbox_relay::checkback::run(
+        let task = tokio::spawn(outbox_relay::prepared::checkback::run(
             pool.clone(),
             config,
             shutdown.clone(),
