@@ -42,7 +42,7 @@ impl Steady {
 pub fn json_key(body: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(body).ok()?;
     let at = text.find("key")? + 3;
-    let rest = text[at..].trim_start_matches(|c: char| matches!(c, '\\' | '"' | ':' | ' '));
+    let rest = text[at..].trim_start_matches(['\\', '"', ':', ' ']);
     let key: String = rest
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
