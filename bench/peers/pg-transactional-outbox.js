@@ -92,13 +92,22 @@ function listenerConfig(dbUrl, database) {
   return { outboxOrInbox: "outbox", dbListenerConfig, dbHandlerConfig: dbListenerConfig, settings };
 }
 
+// The library's warnings, counted by text (ids and numbers left out), each printed once.
+const warnings = {};
+function warn(...args) {
+  const text = args.filter((a) => typeof a === "string").join(" ");
+  const kind = text.replace(/[0-9a-f]{8}-[0-9a-f-]{27}/g, "ID").replace(/\d+(\/[0-9A-F]+)?/g, "N");
+  warnings[kind] = (warnings[kind] ?? 0) + 1;
+  if (warnings[kind] === 1 && !stopping) console.error(`pg-transactional-outbox warns: ${text}`);
+}
+
 function start(config, handler) {
   const silent = () => {};
   const logger = {
     trace: silent,
     debug: silent,
     info: silent,
-    warn: (...a) => stopping || console.error(...a),
+    warn,
     fatal: (...a) => stopping || console.error(...a),
     error: (...a) => stopping || console.error(...a),
     child: () => logger,
@@ -169,7 +178,7 @@ async function main() {
     processed = await processedCount(db);
   }
   const secs = (performance.now() - started) / 1000;
-  const result = { processed, published, secs, rate: processed / secs };
+  const result = { processed, published, secs, rate: processed / secs, warnings };
   // Handlers still running when the listener stops fail on its closed pools; the library logs
   // them and some of its promises reject unhandled. The results are in by then.
   stopping = true;

@@ -1,12 +1,11 @@
 //! Drain of a due backlog, ours and the peer's, and what the queue holds afterwards.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 
-use super::Mode;
+use super::{Mode, Peer};
 use crate::peers::install;
 use crate::{RunningRelay, broker, relay, relay_config, wait_drained};
 
@@ -29,7 +28,12 @@ pub struct Drained {
     pub lost: u64,
     /// Messages delivered more than once.
     pub duplicates: u64,
+    /// The peer's warnings by kind, with their counts.
+    pub warnings: Warnings,
 }
+
+/// The peer's warnings by kind (ids and numbers left out of the text), with their counts.
+pub type Warnings = std::collections::BTreeMap<String, u64>;
 
 /// How many messages `queue` holds.
 async fn queue_len(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
@@ -86,63 +90,84 @@ pub async fn ours(
         done: n as u64,
         lost: (n as u64).saturating_sub(audit.ids.len() as u64),
         duplicates: audit.duplicates,
+        warnings: Warnings::new(),
     })
 }
 
 #[derive(Debug, serde::Deserialize)]
 struct Script {
     rate: f64,
+    warnings: Warnings,
 }
 
 /// The peer in `mode` draining `n` due messages on the database at `url` (no tables of ours
 /// needed) into a fresh queue, for `max_secs` at most.
 pub async fn theirs(
+    peer: Peer<'_>,
     mode: Mode,
     url: &str,
     pool: &sqlx::PgPool,
-    node_modules: &Path,
-    connection: &lapin::Connection,
     n: i32,
     max_secs: u64,
 ) -> anyhow::Result<Drained> {
-    let channel = connection.create_channel().await?;
+    let channel = peer.connection.create_channel().await?;
     let queue = integration_tests::unique_name("bench_peers_pto");
     broker::declare_queue(&channel, &queue).await?;
     let slot = integration_tests::unique_name("pto");
     let args = mode.args("drain", url, &queue, n, max_secs, &slot);
-    let script: Script = install::node(super::SCRIPT, node_modules, &args).await?;
+    let script: Script = install::node(super::SCRIPT, peer.node_modules, &args).await?;
     // Each was confirmed before it was marked processed, so they are all in the queue by now.
-    let done = done_ids(mode, pool, &slot).await?;
-    let audit = audit(connection, &queue).await?;
+    let done = done(mode, pool, &slot).await?;
+    let audit = audit(peer.connection, &queue).await?;
     let _ = channel.close(200, "done".into()).await;
     Ok(Drained {
         rate: script.rate,
-        done: done.len() as u64,
-        lost: done.iter().filter(|id| !audit.ids.contains(*id)).count() as u64,
+        done: done.all().count() as u64,
+        lost: done.all().filter(|id| !audit.ids.contains(*id)).count() as u64,
         duplicates: audit.duplicates,
+        warnings: script.warnings,
     })
 }
 
-/// The ids of the rows the peer is done with: marked processed, or (replication) no longer in
-/// its slot, which means it acknowledged them. Drops the slot.
-pub async fn done_ids(mode: Mode, pool: &sqlx::PgPool, slot: &str) -> anyhow::Result<Vec<String>> {
-    let mut ids: Vec<String> =
+/// The rows the peer is done with, by id.
+pub struct Done {
+    /// Marked processed (each confirmed by the broker before).
+    pub processed: Vec<String>,
+    /// Replication: no longer in its slot, so acknowledged, but not marked processed. Such a
+    /// row is never delivered again.
+    pub acked_unprocessed: Vec<String>,
+}
+
+impl Done {
+    /// Every id the peer is done with.
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.processed.iter().chain(&self.acked_unprocessed)
+    }
+}
+
+/// What the peer is done with, once its listener has stopped. Drops the slot.
+pub async fn done(mode: Mode, pool: &sqlx::PgPool, slot: &str) -> anyhow::Result<Done> {
+    let processed: Vec<String> =
         sqlx::query_scalar("SELECT id::text FROM public.outbox WHERE processed_at IS NOT NULL")
             .fetch_all(pool)
             .await?;
+    let mut acked_unprocessed = Vec::new();
     if mode == Mode::Replication {
         let pending = slot_pending(pool, slot).await?;
-        let all: Vec<String> = sqlx::query_scalar("SELECT id::text FROM public.outbox")
-            .fetch_all(pool)
-            .await?;
-        let processed: HashSet<String> = ids.iter().cloned().collect();
-        ids.extend(
-            all.into_iter()
-                .filter(|id| !pending.contains(id) && !processed.contains(id)),
-        );
+        let unprocessed: Vec<String> =
+            sqlx::query_scalar("SELECT id::text FROM public.outbox WHERE processed_at IS NULL")
+                .fetch_all(pool)
+                .await?;
+        acked_unprocessed = unprocessed
+            .into_iter()
+            .filter(|id| !pending.contains(id))
+            .collect();
         drop_slot(pool, slot).await?;
     }
-    Ok(ids)
+    Ok(Done {
+        processed,
+        acked_unprocessed,
+    })
 }
 
 /// Runs `query` (bound to `slot`) once the listener's walsender has let go of the slot: it

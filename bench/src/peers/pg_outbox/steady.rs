@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
-use super::Mode;
+use super::{Mode, Peer};
 use crate::peers::{install, latency};
 
 /// The peer's listener in a node process, until [`Listener::stop`].
@@ -28,6 +28,12 @@ struct Ready {
 pub struct Stopped {
     /// Rows it had marked processed.
     pub processed: u64,
+    /// Its warnings by kind.
+    pub warnings: super::drain::Warnings,
+    /// Rows it acknowledged to its slot without processing them: never delivered (filled in
+    /// by [`theirs`], not printed by the script).
+    #[serde(default)]
+    pub lost: u64,
 }
 
 impl Listener {
@@ -83,20 +89,20 @@ fn payload(key: &str) -> serde_json::Value {
 /// The peer in `mode` on the database at `url` (no tables of ours needed), offered `rate`
 /// rows per second for `secs`.
 pub async fn theirs(
+    peer: Peer<'_>,
     mode: Mode,
     url: &str,
     pool: &sqlx::PgPool,
-    node_modules: &Path,
-    connection: &lapin::Connection,
     rate: u32,
     secs: Duration,
+    grace: Duration,
 ) -> anyhow::Result<(latency::Steady, Stopped)> {
-    let channel = connection.create_channel().await?;
+    let channel = peer.connection.create_channel().await?;
     let queue = integration_tests::unique_name("bench_peers_pto_steady");
     crate::broker::declare_queue(&channel, &queue).await?;
     let slot = integration_tests::unique_name("pto");
     let args = mode.args("listen", url, &queue, 0, 0, &slot);
-    let listener = Listener::start(node_modules, &args).await?;
+    let listener = Listener::start(peer.node_modules, &args).await?;
     let producers = pool.clone();
     let send = move |seq: u64| {
         let pool = producers.clone();
@@ -122,20 +128,16 @@ pub async fn theirs(
         rate,
         secs,
         latency::PRODUCERS,
-        GRACE,
+        grace,
         send,
         latency::json_key,
     )
     .await;
     let stopped = listener.stop().await;
-    if mode == Mode::Replication {
-        super::drain::drop_slot(pool, &slot).await?;
-    }
+    let done = super::drain::done(mode, pool, &slot).await?;
     crate::broker::delete_queue(&channel, &queue).await?;
     let _ = channel.close(200, "done".into()).await;
-    Ok((measured?, stopped?))
+    let mut stopped = stopped?;
+    stopped.lost = done.acked_unprocessed.len() as u64;
+    Ok((measured?, stopped))
 }
-
-/// How long the harness waits for stragglers after the last commit: as long as
-/// [`latency::ours`] waits for ours.
-const GRACE: Duration = Duration::from_secs(30);
