@@ -6,7 +6,9 @@
 //! - [`proxies`]: the gateway with its smallest config vs nginx and haproxy as plain proxies.
 //! - [`graphile`]: delayed messages vs graphile-worker's scheduled jobs: lateness and
 //!   throughput of 100k due over 60 s with 1M pending far in the future.
-//! - [`pg_outbox`]: relay drain vs npm `pg-transactional-outbox` (polling listener).
+//! - [`pg_outbox`]: relay drain and steady-rate latency vs npm `pg-transactional-outbox`, its
+//!   polling listener on the shared cluster and its logical replication listener on
+//!   [`logical_pg`]'s.
 //! - [`idem_proxy`]: idempotent POSTs, the gateway's Redis store vs crates.io
 //!   `idempotent-proxy-server`.
 //! - [`latency`]: the steady-rate commit → consumer latency harness every side runs on.
