@@ -216,12 +216,13 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         .map(|(mode, _)| mode);
     for (mode, ours, theirs, stopped) in &steady {
         eprintln!(
-            "# peers: steady {rate} msg/s for {} s: ours sent {} received {} (duplicates {}) p50 \
-             {:.1} p99 {:.1} max {:.1} ms; pg-transactional-outbox {} sent {} received {} within \
-             {} s (processed {} by its stop, lost {}, duplicates {}) p50 {:.1} p99 {:.1} max \
-             {:.1} ms{}",
+            "# peers: steady {rate} msg/s for {} s: ours sent {} ({:.0}/s) received {} (duplicates \
+             {}) p50 {:.1} p99 {:.1} max {:.1} ms; pg-transactional-outbox {} sent {} ({:.0}/s) \
+             received {} within {} s (processed {} by its stop, lost {}, duplicates {}) p50 {:.1} \
+             p99 {:.1} max {:.1} ms{}",
             secs.as_secs(),
             ours.sent,
+            ours.committed_per_sec,
             ours.received,
             ours.duplicates,
             ours.p50_ms,
@@ -229,6 +230,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
             ours.max_ms,
             mode.name(),
             theirs.sent,
+            theirs.committed_per_sec,
             theirs.received,
             grace.as_secs(),
             stopped.processed,
