@@ -40,6 +40,43 @@ async fn latency_scenario_runs() {
     );
 }
 
+/// The peers' logical cluster comes up with `wal_level=logical`, our relay's steady run on it
+/// delivers every message it committed, and the cluster is gone once dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_cluster_carries_a_steady_run_and_is_dropped() {
+    use bench::peers::{latency, logical_pg::LogicalCluster};
+    let cluster = LogicalCluster::start().unwrap();
+    let port = cluster.port();
+    let (_, pool) = cluster.fresh_db().await.unwrap();
+    let level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(level, "logical");
+    pool.close().await;
+    let db = cluster.fresh_outbox_db().await.unwrap();
+    let steady = latency::ours(Some(db), 100, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(steady.sent >= 50, "{steady:?}");
+    assert_eq!((steady.lost(), steady.duplicates), (0, 0), "{steady:?}");
+    assert!(
+        steady.p50_ms > 0.0 && steady.p99_ms >= steady.p50_ms,
+        "{steady:?}"
+    );
+    drop(cluster);
+    let listed = std::process::Command::new("pg_lsclusters")
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !listed
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some(&port.to_string())),
+        "{listed}"
+    );
+}
+
 #[tokio::test]
 async fn delayed_scenario_runs() {
     let mut report = Report::default();

@@ -64,13 +64,14 @@ pub struct Gateway {
     locks: LockStore,
 }
 
-/// Checks that migration 0003 has been applied to this database.
+/// Checks that the gateway's migrations (0003, and 0010 for the interval lock functions) have
+/// been applied to this database.
 pub async fn has_schema(pool: &PgPool) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let out = sqlx::query_scalar(
         "SELECT to_regclass('gateway.idempotency_records') IS NOT NULL
             AND to_regclass('gateway.lock_entries') IS NOT NULL
-            AND to_regprocedure('gateway.lock_try(bigint,bigint)') IS NOT NULL",
+            AND to_regprocedure('gateway.lock_try(bigint,interval)') IS NOT NULL",
     )
     .fetch_one(&mut *tx)
     .await?;

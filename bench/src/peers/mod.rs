@@ -9,10 +9,15 @@
 //! - [`pg_outbox`]: relay drain vs npm `pg-transactional-outbox` (polling listener).
 //! - [`idem_proxy`]: idempotent POSTs, the gateway's Redis store vs crates.io
 //!   `idempotent-proxy-server`.
+//! - [`latency`]: the steady-rate commit → consumer latency harness every side runs on.
+//! - [`logical_pg`]: a second PostgreSQL cluster with `wal_level=logical` for the peers that
+//!   read the write-ahead log, created and dropped by the run.
 
 pub mod graphile;
 pub mod idem_proxy;
 pub mod install;
+pub mod latency;
+pub mod logical_pg;
 pub mod pg_outbox;
 pub mod proxies;
 

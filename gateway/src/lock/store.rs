@@ -120,11 +120,13 @@ impl LockStore {
         match self {
             Self::Postgres { pool, .. } => {
                 let mut tx = pool.begin().await?;
-                let id: i64 = sqlx::query_scalar("SELECT gateway.lock_enqueue($1, $2)")
-                    .bind(name)
-                    .bind(wait_ms as i64)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let id: i64 = sqlx::query_scalar(
+                    "SELECT gateway.lock_enqueue($1, $2 * interval '1 millisecond')",
+                )
+                .bind(name)
+                .bind(wait_ms as i64)
+                .fetch_one(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(Ticket::Postgres(id))
             }
@@ -154,11 +156,13 @@ impl LockStore {
         match (self, ticket) {
             (Self::Postgres { pool, .. }, Ticket::Postgres(id)) => {
                 let mut tx = pool.begin().await?;
-                let token = sqlx::query_scalar("SELECT gateway.lock_try($1, $2)")
-                    .bind(id)
-                    .bind(lease_ms as i64)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let token = sqlx::query_scalar(
+                    "SELECT gateway.lock_try($1, $2 * interval '1 millisecond')",
+                )
+                .bind(id)
+                .bind(lease_ms as i64)
+                .fetch_one(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(token)
             }
