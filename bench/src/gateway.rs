@@ -246,6 +246,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
         &Load::post(gateway.addr, "/plain/x", CONNECTIONS, secs),
     )
     .await?;
+    // Phases for bench/scripts/cpu-split.py: where the CPU goes with the gateway in the path
+    // and with the database alone.
+    eprintln!("# phase idem_postgres");
     let idem_pg = run_checked(
         "gateway idempotent POST (postgres)",
         &Load {
@@ -256,7 +259,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     .await?;
     // The floor: the two durable writes each idempotent request needs (claim, then the
     // completed response), issued by the same number of clients straight to the database.
+    eprintln!("# phase db_floor");
     let floor = record_floor(&db.url, CONNECTIONS, secs).await?;
+    eprintln!("# phase idle");
     let gateway_rss = gateway.process.peak_rss_mib()?;
     gateway.stop().await?;
     if let Some(n) = nginx {

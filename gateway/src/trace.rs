@@ -74,8 +74,10 @@ impl<S: Inner> Service<GatewayRequest> for Trace<S> {
                 .unwrap_or_default(),
         );
         // A caller's W3C `traceparent` makes this span (and the upstream call under it) part
-        // of the caller's trace.
-        telemetry::set_parent_from_http(&span, req.headers());
+        // of the caller's trace. Without one there is nothing to extract (most requests).
+        if req.headers().contains_key(telemetry::TRACEPARENT) {
+            telemetry::set_parent_from_http(&span, req.headers());
+        }
         let route = self.route.clone();
         let started = Instant::now();
         let fut = {

@@ -6,6 +6,11 @@
 //! the producer library and what it pulls in. `outbox-relay migrate`, `gateway migrate` and
 //! `notifier migrate` all apply this one set; a database records each file's version and
 //! checksum, so an applied file is never renamed or edited: a change is a new file.
+//!
+//! Naming (checked by `tests/tests/schema_naming.rs`): indexes end in `_idx`; every function has
+//! a catalog comment; a function users call takes plain parameter names, one only the product
+//! calls (its comment starts with "Internal") takes `p_` names; durations passed between the
+//! product's own parts are `interval`s (`0010_parameters.sql`).
 #![warn(missing_docs)]
 
 /// The product's migrations in version order. Apply with `MIGRATOR.run(&pool)`; tests use
