@@ -32,7 +32,25 @@ fn binary() -> Result<PathBuf, String> {
         return Ok(bin);
     }
     eprintln!("# building idempotent-proxy-server {VERSION} with cargo install (once)");
-    let ok = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // One of its dependencies (`ff`) carries a `rust-toolchain` file naming 1.56, which rustup
+    // would look for when the build reaches that crate: the toolchain in use is named instead
+    // (`cargo run` sets it; a bench binary started on its own does not).
+    if std::env::var_os("RUSTUP_TOOLCHAIN").is_none() {
+        let active = Command::new("rustup")
+            .args(["show", "active-toolchain"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout);
+                text.split_whitespace().next().map(str::to_owned)
+            });
+        if let Some(toolchain) = active {
+            cargo.env("RUSTUP_TOOLCHAIN", toolchain);
+        }
+    }
+    let ok = cargo
         .args([
             "install",
             "--locked",
