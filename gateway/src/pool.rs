@@ -4,8 +4,7 @@
 //! connector) and sends on it with hyper's connection API; the connection goes back to the pool
 //! when the response body has been read to its end, never earlier, so a connection is only ever
 //! reused between whole exchanges. A response dropped half-read takes its connection with it.
-//! Idle connections are closed after `idle_timeout`, at most `max_idle` are kept per thread:
-//! each serving thread reuses the connections its own runtime drives.
+//! Idle connections are closed after `idle_timeout`, at most `max_idle` are kept.
 
 use std::{
     pin::Pin,
@@ -24,22 +23,6 @@ use hyper::{
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
-
-/// How many worker threads serve connections: one per CPU the process may use.
-pub(crate) fn workers() -> usize {
-    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WORKERS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-thread_local! {
-    /// This thread's idle list in every pool: a worker's index + 1, or 0 on other threads.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as worker `index` (from 0), for the pools' per-thread lists.
-pub(crate) fn set_worker(index: usize) {
-    WORKER.with(|w| w.set(index + 1));
-}
 
 /// The connector every pool opens connections with: plain TCP, or TLS for `https://`.
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -74,9 +57,7 @@ pub struct Pool {
     connector: Connector,
     /// `scheme://authority/`, what the connector dials.
     target: Uri,
-    /// One list per worker thread (see [`set_worker`]) and one for every other thread, so a
-    /// connection is reused by the thread whose runtime drives it.
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -93,7 +74,7 @@ impl Pool {
         let pool = Arc::new(Self {
             connector,
             target,
-            idle: (0..=workers()).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
         });
@@ -101,13 +82,8 @@ impl Pool {
         pool
     }
 
-    fn shard(&self) -> &Mutex<Vec<Idle>> {
-        let i = WORKER.with(|w| w.get());
-        &self.idle[i.min(self.idle.len() - 1)]
-    }
-
     fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.shard().lock().expect("pool lock");
+        let mut idle = self.idle.lock().expect("pool lock");
         while let Some(i) = idle.pop() {
             if !i.sender.is_closed() && i.since.elapsed() < self.idle_timeout {
                 return Some(i.sender);
@@ -120,7 +96,7 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.shard().lock().expect("pool lock");
+        let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.max_idle {
             idle.push(Idle {
                 sender,
@@ -192,10 +168,7 @@ impl Pool {
 
     /// Connections currently parked (for tests).
     pub fn idle_count(&self) -> usize {
-        self.idle
-            .iter()
-            .map(|s| s.lock().expect("pool lock").len())
-            .sum()
+        self.idle.lock().expect("pool lock").len()
     }
 }
 
@@ -206,12 +179,10 @@ async fn reap(pool: Weak<Pool>, every: Duration) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let timeout = pool.idle_timeout;
-        for shard in pool.idle.iter() {
-            shard
-                .lock()
-                .expect("pool lock")
-                .retain(|i| !i.sender.is_closed() && i.since.elapsed() < timeout);
-        }
+        pool.idle
+            .lock()
+            .expect("pool lock")
+            .retain(|i| !i.sender.is_closed() && i.since.elapsed() < timeout);
     }
 }
 

@@ -46,8 +46,7 @@ pub fn connector(tls: rustls::ClientConfig) -> Connector {
         .wrap_connector(http)
 }
 
-/// The pool for an upstream: up to 64 idle keep-alive connections per serving thread, closed
-/// after 60 s idle.
+/// The pool for an upstream: up to 64 idle keep-alive connections, closed after 60 s idle.
 pub fn pool(connector: Connector, upstream: &Upstream) -> Arc<Pool> {
     let target = Uri::builder()
         .scheme(upstream.scheme.clone())

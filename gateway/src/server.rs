@@ -179,10 +179,7 @@ impl Gateway {
         ));
         let router = self.router();
         let shared = self.shared.clone();
-        let workers = (0..crate::pool::workers())
-            .map(|i| Worker::start(i, router.clone(), shared.clone(), shutdown.clone()))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let mut next = 0;
+        let connections = TaskTracker::new();
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -196,104 +193,45 @@ impl Gateway {
             };
             // Answers go out in one write each; Nagle would only hold them back.
             let _ = stream.set_nodelay(true);
-            // Round robin: the connections spread evenly over the workers.
-            let Ok(stream) = stream.into_std() else {
-                continue;
-            };
-            let _ = workers[next % workers.len()].streams.send(stream);
-            next = next.wrapping_add(1);
+            let router = router.clone();
+            let shared = shared.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let req = req.map(Body::new);
+                let router = router.clone();
+                let shared = shared.clone();
+                async move {
+                    let resp = if is_admin_path(req.uri().path()) {
+                        match router.oneshot(req).await {
+                            Ok(r) => r,
+                            Err(never) => match never {},
+                        }
+                    } else {
+                        front(State(shared), req).await
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = shutdown.cancelled() => {}
+                }
+                // Finish the request in progress, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
         }
         drop(listener);
-        // Each worker finishes its connections once its channel closes, then ends.
-        let done: Vec<_> = workers.into_iter().map(|w| w.done).collect();
-        for d in done {
-            let _ = d.await;
-        }
+        connections.close();
+        connections.wait().await;
         shutdown.cancel();
         let _ = cleanup.await;
         Ok(())
     }
-}
-
-/// One serving thread with a single-threaded runtime of its own, like an nginx worker: the
-/// connections handed to it, their requests and their upstream connections all run on this
-/// thread, so a request's steps wake one another without crossing threads or waking idle
-/// scheduler threads.
-struct Worker {
-    streams: tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>,
-    done: tokio::sync::oneshot::Receiver<()>,
-}
-
-impl Worker {
-    fn start(
-        index: usize,
-        router: Router,
-        shared: Arc<Shared>,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let (streams, mut incoming) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
-        let (finished, done) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name(format!("gateway-worker-{index}"))
-            .spawn(move || {
-                crate::pool::set_worker(index);
-                runtime.block_on(async move {
-                    let connections = TaskTracker::new();
-                    while let Some(stream) = incoming.recv().await {
-                        let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                            continue;
-                        };
-                        connections.spawn(serve_connection(
-                            stream,
-                            router.clone(),
-                            shared.clone(),
-                            shutdown.clone(),
-                        ));
-                    }
-                    connections.close();
-                    connections.wait().await;
-                });
-                let _ = finished.send(());
-            })?;
-        Ok(Self { streams, done })
-    }
-}
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    router: Router,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let req = req.map(Body::new);
-        let router = router.clone();
-        let shared = shared.clone();
-        async move {
-            let resp = if is_admin_path(req.uri().path()) {
-                match router.oneshot(req).await {
-                    Ok(r) => r,
-                    Err(never) => match never {},
-                }
-            } else {
-                front(State(shared), req).await
-            };
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = shutdown.cancelled() => {}
-    }
-    // Finish the request in progress, then close.
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }
 
 /// Connection-level accept errors concern one client; anything else (out of file descriptors)
