@@ -49,6 +49,22 @@ fn queue_args() -> FieldTable {
     args
 }
 
+/// How many messages `queue` holds (a passive declare: the queue's declaration is left to whoever
+/// owns it).
+pub async fn queue_len(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
 /// Empties a queue.
 pub async fn purge(channel: &Channel, name: &str) -> anyhow::Result<()> {
     channel

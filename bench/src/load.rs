@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::child::{Process, spawn_relay, workspace_binary};
@@ -52,21 +50,6 @@ impl Sample {
     }
 }
 
-async fn queue_depth(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            // passive: only read the count; the consumer owns the queue's declaration.
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count())
-}
-
 async fn sample(
     pool: &sqlx::PgPool,
     channel: &lapin::Channel,
@@ -83,7 +66,7 @@ async fn sample(
     Ok(Sample {
         at: started.elapsed().as_secs_f64(),
         due,
-        depth: queue_depth(channel, queue).await?,
+        depth: crate::broker::queue_len(channel, queue).await?,
         applied,
     })
 }
@@ -94,7 +77,7 @@ async fn wait_queue(connection: &lapin::Connection, queue: &str) -> anyhow::Resu
     loop {
         // A failed passive declare closes the channel: use a fresh one each time.
         let channel = connection.create_channel().await?;
-        if queue_depth(&channel, queue).await.is_ok() {
+        if crate::broker::queue_len(&channel, queue).await.is_ok() {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "queue {queue} never declared");

@@ -31,7 +31,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, QueueDeclareOptions};
+use lapin::options::BasicAckOptions;
 use tokio::io::AsyncReadExt;
 
 use super::install;
@@ -161,17 +161,7 @@ impl Source {
 /// Reads `queue` back: (messages held, distinct message ids among them).
 async fn held(connection: &lapin::Connection, queue: &str) -> anyhow::Result<(u64, u64)> {
     let channel = connection.create_channel().await?;
-    let count = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await?
-        .message_count();
+    let count = crate::broker::queue_len(&channel, queue).await?;
     let mut ids = HashSet::with_capacity(count as usize);
     if count > 0 {
         let (_channel, mut consumer) = broker::consume(connection, queue, 1000).await?;

@@ -3,8 +3,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeclareOptions;
-
 use super::{Mode, Peer};
 use crate::peers::install;
 use crate::{RunningRelay, broker, relay, relay_config, wait_drained};
@@ -35,25 +33,10 @@ pub struct Drained {
 /// The peer's warnings by kind (ids and numbers left out of the text), with their counts.
 pub type Warnings = std::collections::BTreeMap<String, u64>;
 
-/// How many messages `queue` holds.
-async fn queue_len(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await?;
-    Ok(q.message_count())
-}
-
 /// Consumes everything `queue` holds and deletes it.
 async fn audit(connection: &lapin::Connection, queue: &str) -> anyhow::Result<Audit> {
     let channel = connection.create_channel().await?;
-    let held = queue_len(&channel, queue).await? as usize;
+    let held = crate::broker::queue_len(&channel, queue).await? as usize;
     let arrivals = broker::record_arrivals(connection, queue).await?;
     broker::wait_arrivals(&arrivals, held, Duration::from_secs(120)).await?;
     let mut ids = HashSet::with_capacity(held);
