@@ -429,37 +429,8 @@ async fn steady_theirs(
         spawned.elapsed().as_secs_f64()
     );
 
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(latency::PRODUCERS as u32)
-        .connect(&source.url)
-        .await?;
-    let target = queue.clone();
-    let steady = latency::measure(
-        &queue,
-        rate,
-        secs,
-        latency::PRODUCERS,
-        Duration::from_secs(30),
-        move |seq| {
-            let (pool, queue) = (pool.clone(), target.clone());
-            async move {
-                let key = format!("k{seq}");
-                let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO bench_orders (amount) VALUES (42)")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(insert)
-                    .bind(&queue)
-                    .bind(&key)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(key)
-            }
-        },
-        latency::json_key,
-    )
-    .await;
+    let steady =
+        latency::measure_orders(&source.url, &queue, rate, secs, insert, str::to_owned).await;
     // Closing its stdin stops the engine; it then prints its results.
     drop(stdin);
     let mut stdout = child.stdout.take().expect("stdout piped");

@@ -160,6 +160,50 @@ where
     })
 }
 
+/// [`measure`] with the business transaction every side runs, on [`PRODUCERS`] connections to
+/// `url` (which has a `bench_orders` table): an order row, then `message`, a statement whose `$1`
+/// is `queue` and `$2` is `body(key)`, then `COMMIT`; messages are matched with [`json_key`].
+pub async fn measure_orders(
+    url: &str,
+    queue: &str,
+    rate: u32,
+    secs: Duration,
+    message: &'static str,
+    body: fn(&str) -> String,
+) -> anyhow::Result<Steady> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(PRODUCERS as u32)
+        .connect(url)
+        .await?;
+    let target = queue.to_owned();
+    measure(
+        queue,
+        rate,
+        secs,
+        PRODUCERS,
+        Duration::from_secs(30),
+        move |seq| {
+            let (pool, queue) = (pool.clone(), target.clone());
+            async move {
+                let key = format!("k{seq}");
+                let mut tx = pool.begin().await?;
+                sqlx::query("INSERT INTO bench_orders (amount) VALUES (42)")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(message)
+                    .bind(&queue)
+                    .bind(body(&key))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(key)
+            }
+        },
+        json_key,
+    )
+    .await
+}
+
 /// Producers per steady run (as in the `latency` scenario).
 pub const PRODUCERS: usize = 8;
 
@@ -184,35 +228,13 @@ pub async fn ours(
     let queue = integration_tests::unique_name("bench_peers_steady");
     broker::declare_queue(&channel, &queue).await?;
     let relay = RunningRelay::start(db.pool.clone(), relay_config(&db, true));
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(PRODUCERS as u32)
-        .connect(&db.url)
-        .await?;
-    let target = queue.clone();
-    let steady = measure(
+    let steady = measure_orders(
+        &db.url,
         &queue,
         rate,
         secs,
-        PRODUCERS,
-        Duration::from_secs(30),
-        move |seq| {
-            let (pool, queue) = (pool.clone(), target.clone());
-            async move {
-                let key = format!("k{seq}");
-                let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO bench_orders (amount) VALUES (42)")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("SELECT outbox.enqueue('', $1, convert_to($2, 'UTF8'))")
-                    .bind(&queue)
-                    .bind(format!("{{\"key\":\"{key}\"}}"))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(key)
-            }
-        },
-        json_key,
+        "SELECT outbox.enqueue('', $1, convert_to($2, 'UTF8'))",
+        |key| format!("{{\"key\":\"{key}\"}}"),
     )
     .await;
     relay.stop().await?;
