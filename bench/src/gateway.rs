@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use gateway::idempotency::postgres::{CLAIM, COMPLETE};
+
 use crate::child::{Server, free_port, temp_dir, workspace_binary};
 use crate::http_load::{Load, Outcome, run_checked};
 use crate::{Figure, Report, Scale, upstream};
@@ -379,9 +381,34 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Idempotent POSTs with fresh keys through a gateway with the PostgreSQL store on a fresh
+/// database, then the floor on the same database: (req/s, floor/s). For `split`, which measures
+/// the pair again with PostgreSQL on a core of its own.
+pub async fn idempotent_vs_floor(secs: Duration) -> anyhow::Result<(f64, f64)> {
+    let db = integration_tests::fresh_db().await;
+    let upstream = upstream::start().await?;
+    let gateway = start_gateway(upstream.addr, "postgres", &db.url).await?;
+    let run_id = integration_tests::unique_name("bench");
+    eprintln!("# phase idem_postgres");
+    let idem = run_checked(
+        "gateway idempotent POST (postgres)",
+        &Load {
+            idempotency_prefix: Some(format!("{run_id}-pg")),
+            ..Load::post(gateway.addr, "/idem/x", CONNECTIONS, secs)
+        },
+    )
+    .await?;
+    gateway.stop().await?;
+    eprintln!("# phase db_floor");
+    let floor = record_floor(&db.url, CONNECTIONS, secs).await?;
+    eprintln!("# phase idle");
+    Ok((idem.rate, floor))
+}
+
 /// Claims and completions per second that `clients` connections get from the database alone:
-/// per request the gateway's own two statements (the claim upsert, then the completing update
-/// with a small response), each an autocommit durable commit, no HTTP and no upstream.
+/// per request the gateway's own two statements ([`CLAIM`], then [`COMPLETE`] with a small
+/// response, bound as the gateway binds them for a route with a 5 s timeout), each an autocommit
+/// durable commit, no HTTP and no upstream.
 async fn record_floor(url: &str, clients: usize, secs: Duration) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(clients as u32)
@@ -395,32 +422,32 @@ async fn record_floor(url: &str, clients: usize, secs: Duration) -> anyhow::Resu
         let (pool, prefix) = (pool.clone(), prefix.clone());
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
+            let fingerprint = [7u8; 32];
+            let headers =
+                serde_json::json!([["content-type", "text/plain"], ["content-length", "2"]]);
             while std::time::Instant::now() < deadline {
                 let key = format!("{prefix}-{c}-{done}");
                 let token = uuid::Uuid::new_v4();
-                sqlx::query(
-                    "INSERT INTO gateway.idempotency_records AS r
-                         (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
-                     VALUES ('bench', $1, '\\x00'::bytea, $2, 'in_flight',
-                             clock_timestamp() + interval '30 seconds',
-                             clock_timestamp() + interval '30 seconds',
-                             clock_timestamp() + interval '60 seconds')
-                     ON CONFLICT (caller, key) DO NOTHING RETURNING token",
-                )
-                .bind(&key)
-                .bind(token)
-                .fetch_optional(&pool)
-                .await?;
-                sqlx::query(
-                    "UPDATE gateway.idempotency_records
-                     SET state = 'completed', status = 201, headers = '{}'::jsonb,
-                         body = '\\x7b7d'::bytea, lease_until = NULL
-                     WHERE caller = 'bench' AND key = $1 AND token = $2 AND state = 'in_flight'",
-                )
-                .bind(&key)
-                .bind(token)
-                .execute(&pool)
-                .await?;
+                let claimed = sqlx::query(CLAIM)
+                    .bind("bench")
+                    .bind(&key)
+                    .bind(&fingerprint[..])
+                    .bind(token)
+                    .bind(10_000i64)
+                    .bind(10_000i64)
+                    .bind(60i64)
+                    .fetch_optional(&pool)
+                    .await?;
+                anyhow::ensure!(claimed.is_some(), "floor: fresh key {key} not claimed");
+                sqlx::query(COMPLETE)
+                    .bind("bench")
+                    .bind(&key)
+                    .bind(token)
+                    .bind(200i16)
+                    .bind(&headers)
+                    .bind(&b"ok"[..])
+                    .execute(&pool)
+                    .await?;
                 done += 1;
             }
             anyhow::Ok(done)

@@ -5,6 +5,10 @@
 //! pinned to the other, as if the broker had a host of its own. Printed beside the shared-mode
 //! figures of [`crate::steady`] and [`crate::consumer`].
 //!
+//! Then the idempotent PostgreSQL store against its floor (`crate::gateway::idempotent_vs_floor`),
+//! shared and with PostgreSQL alone on one core and this process with the gateway it starts on
+//! the other ([`Pinning::database_alone`]), as if the database had a host of its own.
+//!
 //! Pinning uses `taskset` on the machine's own `beam.smp` (user `rabbitmq`) and every process of
 //! user `postgres` (the postmaster's children inherit it). [`Pinning`] puts every one of them,
 //! and this process, back on all cores when dropped, whatever ended the run; a run killed from
@@ -90,6 +94,37 @@ impl Pinning {
     }
 }
 
+impl Pinning {
+    /// PostgreSQL alone on the last core, this process (and so the children it starts after
+    /// this: the gateway) on core 0, as if the database had a host of its own. `None` (with the
+    /// reason) where that cannot be done.
+    pub fn database_alone() -> anyhow::Result<Result<Pinning, String>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 {
+            return Ok(Err(format!("{cores} core(s): nothing to split")));
+        }
+        if Command::new("taskset").arg("-V").output().is_err() {
+            return Ok(Err("taskset (util-linux) is not installed".into()));
+        }
+        let database = pids_of("postgres", None);
+        if database.is_empty() {
+            return Ok(Err("the machine's PostgreSQL processes not found".into()));
+        }
+        let mut pinning = Pinning {
+            all: format!("0-{}", cores - 1),
+            pids: Vec::new(),
+        };
+        let last = (cores - 1).to_string();
+        for pid in database {
+            pinning.pids.push(pid);
+            pin(pid, &last)?;
+        }
+        pinning.pids.push(std::process::id());
+        pin(std::process::id(), "0")?;
+        Ok(Ok(pinning))
+    }
+}
+
 impl Drop for Pinning {
     fn drop(&mut self) {
         // Backends forked while pinned inherited core 0: take the current ones too.
@@ -165,6 +200,37 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
             "msg/s",
             "db_commit_ceiling_8conn",
             m.ceiling,
+            Some(">= 0.80"),
+        ));
+    }
+    // The idempotent PostgreSQL store against its floor, shared and with the database alone on
+    // a core (the gateway, the load generator and the upstream on the other).
+    let (idem_shared, floor_shared) = crate::gateway::idempotent_vs_floor(secs).await?;
+    let alone = match Pinning::database_alone()? {
+        Ok(pinning) => {
+            eprintln!(
+                "# split: PostgreSQL on its own core, gateway + load + upstream on the other"
+            );
+            let alone = crate::gateway::idempotent_vs_floor(secs).await;
+            drop(pinning);
+            Some(alone?)
+        }
+        Err(why) => {
+            println!("split: database-alone mode skipped ({why})");
+            None
+        }
+    };
+    for (mode, m) in [
+        ("shared", Some((idem_shared, floor_shared))),
+        ("db_alone", alone),
+    ] {
+        let Some((idem, floor)) = m else { continue };
+        report.push(Figure::new(
+            &format!("{mode}_gateway_idempotent_post_postgres_rps"),
+            idem,
+            "req/s",
+            "db_floor_claim_and_complete",
+            floor,
             Some(">= 0.80"),
         ));
     }

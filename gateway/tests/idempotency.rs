@@ -409,6 +409,57 @@ async fn expired_records_are_cleaned_up() {
     .await;
 }
 
+#[tokio::test]
+async fn the_expiry_is_fixed_by_the_claim_and_covers_the_ttl_after_completion() {
+    let db = fresh_db().await;
+    let upstream = Upstream::start().await;
+    let toml = config(
+        &db.url,
+        &upstream.url(),
+        "required = true, ttl_secs = 600, lease_ms = 4000",
+    );
+    let gw = start_gateway(&toml).await;
+    let url = gw.url("/pay/charge?delay_ms=300");
+    let request = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("Idempotency-Key", "\"kept\"")
+            .body("a")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    // (state, ms from the claim to the expiry, ms from now to the expiry)
+    let record = || async {
+        sqlx::query_as::<_, (String, f64, f64)>(
+            "SELECT state,
+                    (EXTRACT(EPOCH FROM expires_at - created_at) * 1000)::float8,
+                    (EXTRACT(EPOCH FROM expires_at - clock_timestamp()) * 1000)::float8
+             FROM gateway.idempotency_records WHERE key = 'kept'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (state, claimed_span, _) = eventually(5, "the claim", || async {
+        record().await.filter(|r| r.0 == "in_flight")
+    })
+    .await;
+    assert_eq!(state, "in_flight");
+    // The lease plus the TTL ahead of the claim.
+    assert!(
+        (claimed_span - 604_000.0).abs() < 50.0,
+        "expiry {claimed_span} ms after the claim"
+    );
+    assert_eq!(request.await.unwrap(), 201);
+    let (state, completed_span, left) = record().await.expect("record kept");
+    assert_eq!(state, "completed");
+    // Completing left it alone, and it is still at least the TTL away.
+    assert_eq!(completed_span, claimed_span);
+    assert!(left >= 600_000.0, "{left} ms left after completion");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_on_one_database_forward_a_key_once() {
     let db = fresh_db().await;

