@@ -354,7 +354,8 @@ async fn compare(
     let ceiling = broker::raw_publish(&connection, &queue, n as usize, SIZE as usize, 1000).await?;
     broker::delete_queue(&channel, &queue).await?;
     eprintln!(
-        "# peers: the broker alone takes {ceiling:.0} msg/s (1,000 in flight, no database):          {:.2} x debezium at most on this machine; the relay drained at {:.2} of it",
+        "# peers: the broker alone takes {ceiling:.0} msg/s (1,000 in flight, no database): \
+         {:.2} x debezium at most on this machine; the relay drained at {:.2} of it",
         ceiling / theirs.rate,
         ours / ceiling
     );
