@@ -250,15 +250,7 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     .await?;
     // Phases for bench/scripts/cpu-split.py: where the CPU goes with the gateway in the path
     // and with the database alone.
-    eprintln!("# phase idem_postgres");
-    let idem_pg = run_checked(
-        "gateway idempotent POST (postgres)",
-        &Load {
-            idempotency_prefix: Some(format!("{run_id}-pg")),
-            ..Load::post(gateway.addr, "/idem/x", CONNECTIONS, secs)
-        },
-    )
-    .await?;
+    let idem_pg = idempotent_postgres(gateway.addr, &run_id, secs).await?;
     // The floor: the two durable writes each idempotent request needs (claim, then the
     // completed response), issued by the same number of clients straight to the database.
     eprintln!("# phase db_floor");
@@ -381,6 +373,24 @@ pub async fn run(scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Idempotent POSTs with a fresh key each (`{run_id}-pg-...`) to the `/idem` route of the
+/// gateway at `addr`, marked as the `idem_postgres` phase for `bench/scripts/cpu-split.py`.
+async fn idempotent_postgres(
+    addr: SocketAddr,
+    run_id: &str,
+    secs: Duration,
+) -> anyhow::Result<Outcome> {
+    eprintln!("# phase idem_postgres");
+    run_checked(
+        "gateway idempotent POST (postgres)",
+        &Load {
+            idempotency_prefix: Some(format!("{run_id}-pg")),
+            ..Load::post(addr, "/idem/x", CONNECTIONS, secs)
+        },
+    )
+    .await
+}
+
 /// Idempotent POSTs with fresh keys through a gateway with the PostgreSQL store on a fresh
 /// database, then the floor on the same database: (req/s, floor/s). For `split`, which measures
 /// the pair again with PostgreSQL on a core of its own.
@@ -389,15 +399,7 @@ pub async fn idempotent_vs_floor(secs: Duration) -> anyhow::Result<(f64, f64)> {
     let upstream = upstream::start().await?;
     let gateway = start_gateway(upstream.addr, "postgres", &db.url).await?;
     let run_id = integration_tests::unique_name("bench");
-    eprintln!("# phase idem_postgres");
-    let idem = run_checked(
-        "gateway idempotent POST (postgres)",
-        &Load {
-            idempotency_prefix: Some(format!("{run_id}-pg")),
-            ..Load::post(gateway.addr, "/idem/x", CONNECTIONS, secs)
-        },
-    )
-    .await?;
+    let idem = idempotent_postgres(gateway.addr, &run_id, secs).await?;
     gateway.stop().await?;
     eprintln!("# phase db_floor");
     let floor = record_floor(&db.url, CONNECTIONS, secs).await?;

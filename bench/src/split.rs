@@ -56,18 +56,27 @@ fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The machine's cores, or why they cannot be split (fewer than two, no `taskset`).
+fn splittable() -> Result<usize, String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return Err(format!("{cores} core(s): nothing to split"));
+    }
+    if Command::new("taskset").arg("-V").output().is_err() {
+        return Err("taskset (util-linux) is not installed".into());
+    }
+    Ok(cores)
+}
+
 impl Pinning {
     /// RabbitMQ on the last core, PostgreSQL and this process on core 0. `None` (with the
     /// reason) where that cannot be done: fewer than two cores, no `taskset`, no broker or
     /// database process of the machine's own to pin.
     pub fn apply() -> anyhow::Result<Result<Pinning, String>> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cores < 2 {
-            return Ok(Err(format!("{cores} core(s): nothing to split")));
-        }
-        if Command::new("taskset").arg("-V").output().is_err() {
-            return Ok(Err("taskset (util-linux) is not installed".into()));
-        }
+        let cores = match splittable() {
+            Ok(cores) => cores,
+            Err(why) => return Ok(Err(why)),
+        };
         let broker = pids_of("rabbitmq", Some("beam.smp"));
         let database = pids_of("postgres", None);
         if broker.is_empty() || database.is_empty() {
@@ -99,13 +108,10 @@ impl Pinning {
     /// this: the gateway) on core 0, as if the database had a host of its own. `None` (with the
     /// reason) where that cannot be done.
     pub fn database_alone() -> anyhow::Result<Result<Pinning, String>> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cores < 2 {
-            return Ok(Err(format!("{cores} core(s): nothing to split")));
-        }
-        if Command::new("taskset").arg("-V").output().is_err() {
-            return Ok(Err("taskset (util-linux) is not installed".into()));
-        }
+        let cores = match splittable() {
+            Ok(cores) => cores,
+            Err(why) => return Ok(Err(why)),
+        };
         let database = pids_of("postgres", None);
         if database.is_empty() {
             return Ok(Err("the machine's PostgreSQL processes not found".into()));
